@@ -1,0 +1,40 @@
+# Every target bootstraps its own environment: only Python 3.11 and make are assumed.
+PYTHON ?= python3
+TOOLS  := .tools
+UV     := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+RUN    := $(UV) run --frozen --no-progress
+
+.PHONY: env demo test lint typecheck bench clean
+
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet uv
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --no-progress
+	touch $@
+
+env: .venv/.synced
+
+demo: env
+	$(RUN) python -m pollen.cli.demo
+
+test: env
+	$(RUN) ruff check pollen tests bench
+	$(RUN) mypy
+	$(RUN) pytest -q -p no:cacheprovider
+
+lint: env
+	$(RUN) ruff check pollen tests bench
+	$(RUN) ruff format --check pollen tests bench
+
+typecheck: env
+	$(RUN) mypy
+
+bench: env
+	$(RUN) python -m bench.run
+
+clean:
+	rm -rf .venv $(TOOLS) build .pytest_cache .mypy_cache .ruff_cache
