@@ -4,6 +4,8 @@ TOOLS  := .tools
 UV     := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
+# Compiled bytecode matters for pctl: it runs dozens of times a minute.
+export UV_COMPILE_BYTECODE := 1
 RUN    := $(UV) run --frozen --no-progress
 
 .PHONY: env demo test lint typecheck bench clean
@@ -14,12 +16,13 @@ $(TOOLS)/bin/uv:
 
 .venv/.synced: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --no-progress
+	.venv/bin/python -m compileall -q pollen
 	touch $@
 
 env: .venv/.synced
 
 demo: env
-	$(RUN) python -m pollen.cli.demo
+	$(RUN) pollen demo
 
 test: env
 	$(RUN) ruff check pollen tests bench

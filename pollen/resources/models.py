@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
+from pollen import API_VERSION as API_VERSION
+
 API_GROUP = "pollen.dev"
-API_VERSION: Final = "pollen.dev/v1alpha1"
 
 # DNS-1123 subdomain, as Kubernetes uses for object names.
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -105,7 +107,7 @@ class Condition(Model):
     reason: Annotated[str, StringConstraints(max_length=1024)] = ""
     message: Annotated[str, StringConstraints(max_length=32768)] = ""
     last_transition_time: Timestamp | None = None
-    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    observed_generation: Annotated[int, Field(strict=True, ge=0)] | None = None
 
 
 class ObjectMeta(Model):
@@ -117,7 +119,7 @@ class ObjectMeta(Model):
     annotations: dict[str, Annotated[str, StringConstraints(max_length=262144)]] = Field(
         default_factory=dict
     )
-    generation: Annotated[int, Field(ge=0)] | None = None
+    generation: Annotated[int, Field(strict=True, ge=0)] | None = None
     creation_timestamp: Timestamp | None = None
     deletion_timestamp: Timestamp | None = None
     finalizers: list[Annotated[str, StringConstraints(min_length=1, max_length=316)]] = Field(
@@ -128,7 +130,7 @@ class ObjectMeta(Model):
 class Status(Model):
     """Observed state shared by every kind: conditions and the generation they describe."""
 
-    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    observed_generation: Annotated[int, Field(strict=True, ge=0)] | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
 
@@ -184,9 +186,9 @@ class Spread(StrEnum):
 class ResourceRequirements(Model):
     """What one instance of a Workload may use."""
 
-    memory_mb: Annotated[int, Field(ge=1, le=1_048_576, alias="memoryMB")] = 64
-    cpu_millis: Annotated[int, Field(ge=1, le=1_024_000)] = 100
-    timeout_ms: Annotated[int, Field(ge=1, le=86_400_000)] = 30_000
+    memory_mb: Annotated[int, Field(strict=True, ge=1, le=1_048_576, alias="memoryMB")] = 64
+    cpu_millis: Annotated[int, Field(strict=True, ge=1, le=1_024_000)] = 100
+    timeout_ms: Annotated[int, Field(strict=True, ge=1, le=86_400_000)] = 30_000
 
 
 class Placement(Model):
@@ -197,23 +199,25 @@ class Placement(Model):
 class Budget(Model):
     """Swarm-wide ceilings for one Workload; a replica beyond them stays unscheduled."""
 
-    max_instances: Annotated[int, Field(ge=0)] | None = None
-    cpu_millis: Annotated[int, Field(ge=0)] | None = None
-    memory_mb: Annotated[int, Field(ge=0)] | None = Field(default=None, alias="memoryMB")
+    max_instances: Annotated[int, Field(strict=True, ge=0)] | None = None
+    cpu_millis: Annotated[int, Field(strict=True, ge=0)] | None = None
+    memory_mb: Annotated[int, Field(strict=True, ge=0)] | None = Field(
+        default=None, alias="memoryMB"
+    )
 
 
 class WorkloadSpec(Model):
     artifact: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
-    replicas: Annotated[int, Field(ge=0, le=10_000)] | None = None
-    min_replicas: Annotated[int, Field(ge=0, le=10_000)] | None = None
-    max_replicas: Annotated[int, Field(ge=0, le=10_000)] | None = None
+    replicas: Annotated[int, Field(strict=True, ge=0, le=10_000)] | None = None
+    min_replicas: Annotated[int, Field(strict=True, ge=0, le=10_000)] | None = None
+    max_replicas: Annotated[int, Field(strict=True, ge=0, le=10_000)] | None = None
     executor: Executor = Executor.HTTP
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     env: Annotated[dict[str, ShortText], AfterValidator(_check_env)] = Field(default_factory=dict)
     args: list[ShortText] = Field(default_factory=list)
     placement: Placement = Field(default_factory=Placement)
     budget: Budget = Field(default_factory=Budget)
-    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
+    priority: Annotated[int, Field(strict=True, ge=-1000, le=1000)] = 0
     health_path: Annotated[str, StringConstraints(pattern=r"^/", max_length=2048)] | None = None
 
     @model_validator(mode="after")
@@ -241,8 +245,8 @@ class WorkloadSpec(Model):
 
 
 class WorkloadStatus(Status):
-    replicas: Annotated[int, Field(ge=0)] = 0
-    ready_replicas: Annotated[int, Field(ge=0)] = 0
+    replicas: Annotated[int, Field(strict=True, ge=0)] = 0
+    ready_replicas: Annotated[int, Field(strict=True, ge=0)] = 0
 
 
 class Workload(Resource):
@@ -272,10 +276,14 @@ class ReplicaPhase(StrEnum):
 
 class ReplicaSpec(Model):
     workload: ObjectName
-    workload_generation: Annotated[int, Field(ge=0)] = 0
-    artifact: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = ""
+    workload_generation: Annotated[int, Field(strict=True, ge=0)] = 0
+    # Empty until the claiming node resolves the Workload's artifact; the default must be a
+    # valid value, or a Replica stored with it would not validate when read back.
+    artifact: Annotated[str, StringConstraints(max_length=4096)] = ""
     node: ObjectName | None = None
-    score: float = 0.0
+    # Finite: claims are ordered by score on every node, and NaN compares false with everything
+    # (and serializes to JSON null, which would not validate back).
+    score: Annotated[float, Field(allow_inf_nan=False)] = 0.0
 
 
 class ReplicaStatus(Status):
@@ -301,7 +309,7 @@ class Replica(Resource):
 
 class ArtifactSpec(Model):
     digest: Digest
-    size: Annotated[int, Field(ge=0)]
+    size: Annotated[int, Field(strict=True, ge=0)]
     media_type: Annotated[str, StringConstraints(max_length=255)] = "application/wasm"
     version: Annotated[str, StringConstraints(max_length=255)] | None = None
     signer: Annotated[str, StringConstraints(max_length=1024)] | None = None
@@ -324,8 +332,8 @@ class Artifact(Resource):
 
 
 class Capacity(Model):
-    memory_mb: Annotated[int, Field(ge=0, alias="memoryMB")] = 0
-    cpu_millis: Annotated[int, Field(ge=0)] = 0
+    memory_mb: Annotated[int, Field(strict=True, ge=0, alias="memoryMB")] = 0
+    cpu_millis: Annotated[int, Field(strict=True, ge=0)] = 0
 
 
 class NodeSpec(Model):
@@ -333,7 +341,7 @@ class NodeSpec(Model):
         default_factory=list
     )
     capacity: Capacity = Field(default_factory=Capacity)
-    unschedulable: bool = False
+    unschedulable: StrictBool = False
 
 
 class NodeStatus(Status):

@@ -1,0 +1,22 @@
+"""``make bench``: run every benchmark and write docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from bench import foundation
+from bench.report import render
+
+OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def main() -> int:
+    sections = [foundation.run()]
+    OUTPUT.write_text(render(sections))
+    print(OUTPUT.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

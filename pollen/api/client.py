@@ -1,0 +1,315 @@
+"""A small synchronous client for the node's HTTP API (``docs/api.md``).
+
+Built on ``http.client`` rather than aiohttp because pctl is a short-lived process: importing an
+async HTTP stack would cost more than most commands take in total. One keep-alive connection
+serves the plain requests; each watch gets a connection of its own, since a stream holds it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import orjson
+
+from pollen import API_VERSION
+from pollen.api.errors import ApiError
+
+PREFIX = "/apis/pollen.dev/v1alpha1"
+
+# ``list`` is also a method name below, so annotations inside the class use this alias.
+Items = list[dict[str, Any]]
+
+# A watch line larger than this is not a resource the node would send; stop rather than buffer.
+_MAX_LINE = 64 << 20
+
+
+class ApiClient:
+    """Calls one node's API with a bearer token.
+
+    Usable as a context manager; :meth:`close` drops the kept-alive connection.
+    """
+
+    def __init__(self, server: str, token: str, timeout: float = 30) -> None:
+        parts = urlsplit(server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ApiError(0, "BadServer", f"server {server!r} is not an http:// or https:// URL")
+        self.server = server.rstrip("/")
+        self.timeout = timeout
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._base = parts.path.rstrip("/")
+        self._headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+            "User-Agent": "pctl",
+        }
+        self._conn: http.client.HTTPConnection | None = None
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the kept-alive connection, if any."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- the API ------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: ``{"status": "ok", "node": NAME}``."""
+        return self._dict(self._request("GET", "/healthz"))
+
+    def list(self, kind_plural: str, label_selector: str | None = None) -> Items:
+        """The objects of one kind, sorted by name, optionally filtered by ``k=v,k2=v2``."""
+        query = {"labelSelector": label_selector} if label_selector else None
+        return self._items(self._request("GET", self._path(kind_plural), query))
+
+    def get(self, kind_plural: str, name: str) -> dict[str, Any]:
+        """One object; ``ApiError`` with code 404 when it does not exist."""
+        return self._dict(self._request("GET", self._path(kind_plural, name)))
+
+    def apply(self, items: Items, dry_run: bool = False) -> Items:
+        """Create or update ``items`` in one all-or-nothing request.
+
+        Returns the ApplyResult items: ``{"kind", "name", "action", "object"}`` each, ``action``
+        being ``created``, ``configured`` or ``unchanged``.
+        """
+        body = {"apiVersion": API_VERSION, "kind": "List", "items": items}
+        query = {"dryRun": "true"} if dry_run else None
+        return self._items(self._request("POST", f"{PREFIX}/apply", query, body))
+
+    def delete(self, kind_plural: str, name: str) -> dict[str, Any]:
+        """Delete one object; returns it as deleted (or as marked, while finalizers remain)."""
+        return self._dict(self._request("DELETE", self._path(kind_plural, name)))
+
+    def events(self, kind: str | None = None, name: str | None = None) -> Items:
+        """Recent events, optionally only those about one kind (``Workload``) or object."""
+        return self._items(self._request("GET", f"{PREFIX}/events", _event_query(kind, name)))
+
+    def watch(
+        self,
+        kind_plural: str,
+        name: str | None = None,
+        *,
+        label_selector: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Stream changes to one kind, or to one object, as watch events.
+
+        Yields ``{"type": "ADDED"|"MODIFIED"|"DELETED", "object": {...}}`` and the
+        ``{"type": "BOOKMARK"}`` lines too: the first bookmark marks the end of the initial
+        listing. The iterator ends when the node closes the stream. With ``timeout``, it raises
+        ``TimeoutError`` once that many seconds have passed in total.
+        """
+        query: dict[str, str] = {"watch": "true"}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        return self._stream(self._path(kind_plural, name), query, timeout)
+
+    def watch_events(
+        self, kind: str | None = None, name: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Stream events as they are recorded, after the recent ones (see :meth:`watch`)."""
+        query = {**_event_query(kind, name), "watch": "true"}
+        return self._stream(f"{PREFIX}/events", query, None)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _path(self, kind_plural: str, name: str | None = None) -> str:
+        path = f"{PREFIX}/{quote(kind_plural, safe='')}"
+        return path if name is None else f"{path}/{quote(name, safe='')}"
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _target(self, path: str, query: dict[str, str] | None) -> str:
+        return self._base + path + (f"?{urlencode(query)}" if query else "")
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        body: Any = None,
+    ) -> Any:
+        target = self._target(path, query)
+        payload = None if body is None else orjson.dumps(body)
+        headers = dict(self._headers)
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = self._connect(self.timeout)
+            try:
+                self._conn.request(method, target, body=payload, headers=headers)
+                response = self._conn.getresponse()
+                data = response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()
+                # The node may close a kept-alive connection between two requests; that is
+                # not a failure of the request, so try once more on a fresh connection (every
+                # call is idempotent, apply included: it declares the state it wants).
+                if reused and attempt == 1:
+                    continue
+                raise self._unreachable(exc) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise self._unreachable(exc) from exc
+            if response.will_close:
+                self.close()
+            if response.status >= 400:
+                raise _status_error(response.status, response.reason, data, self.server)
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise ApiError(
+                    response.status,
+                    "BadResponse",
+                    f"the node at {self.server} answered {method} {path} with invalid JSON",
+                ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stream(
+        self, path: str, query: dict[str, str], timeout: float | None
+    ) -> Iterator[dict[str, Any]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Idle watches get a bookmark every 15 s, so reading with the client timeout (30 s by
+        # default) notices a dead node without cutting off a quiet but healthy stream.
+        read_timeout = self.timeout if deadline is None else min(self.timeout, timeout or 0.0)
+        conn = self._connect(max(read_timeout, 0.001))
+        headers = {**self._headers, "Accept": "application/x-ndjson"}
+        try:
+            try:
+                conn.request("GET", self._target(path, query), headers=headers)
+                response = conn.getresponse()
+            except TimeoutError as exc:
+                if deadline is not None and time.monotonic() >= deadline - 0.001:
+                    raise TimeoutError(f"watch on {path} timed out") from exc
+                raise self._unreachable(exc) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                raise self._unreachable(exc) from exc
+            if response.status >= 400:
+                raise _status_error(response.status, response.reason, response.read(), self.server)
+            pending = b""  # the start of a line whose end has not arrived yet
+            while True:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"watch on {path} timed out")
+                    if conn.sock is not None:
+                        conn.sock.settimeout(min(remaining, self.timeout))
+                try:
+                    chunk = response.read1(65536)
+                except TimeoutError as exc:
+                    if deadline is not None and time.monotonic() >= deadline - 0.001:
+                        raise TimeoutError(f"watch on {path} timed out") from exc
+                    raise ApiError(
+                        0,
+                        "Timeout",
+                        f"the watch on {self.server} went silent for {self.timeout:g}s",
+                    ) from exc
+                except (OSError, http.client.HTTPException) as exc:
+                    raise self._unreachable(exc) from exc
+                if not chunk:
+                    return
+                if b"\n" not in chunk:
+                    pending += chunk
+                    if len(pending) > _MAX_LINE:
+                        raise ApiError(
+                            0, "BadResponse", f"the node at {self.server} sent a huge watch line"
+                        )
+                    continue
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield _watch_line(line, self.server)
+        finally:
+            conn.close()
+
+    def _unreachable(self, exc: BaseException) -> ApiError:
+        if isinstance(exc, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(exc, TimeoutError):
+            why = f"no answer within {self.timeout:g}s"
+        elif isinstance(exc, socket.gaierror):
+            why = f"cannot resolve host {self._host!r}"
+        elif isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError):
+            why = "the connection was closed before an answer"
+        elif isinstance(exc, OSError) and exc.strerror:
+            why = exc.strerror[0].lower() + exc.strerror[1:]
+        else:
+            why = str(exc) or type(exc).__name__
+        return ApiError(0, "Unreachable", f"cannot reach node at {self.server}: {why}")
+
+    @staticmethod
+    def _items(body: Any) -> Items:
+        items = body.get("items") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise ApiError(0, "BadResponse", "the node answered without a list of items")
+        return items
+
+    @staticmethod
+    def _dict(body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ApiError(0, "BadResponse", "the node answered with something not an object")
+        return body
+
+
+def _event_query(kind: str | None, name: str | None) -> dict[str, str]:
+    query: dict[str, str] = {}
+    if kind is not None:
+        query["kind"] = kind
+    if name is not None:
+        query["name"] = name
+    return query
+
+
+def _watch_line(line: bytes, server: str) -> dict[str, Any]:
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(
+            0, "BadResponse", f"the node at {server} sent a watch line not JSON"
+        ) from exc
+    if not isinstance(event, dict):
+        raise ApiError(0, "BadResponse", f"the node at {server} sent a watch line not an object")
+    return event
+
+
+def _status_error(code: int, reason: str, data: bytes, server: str) -> ApiError:
+    """An ``ApiError`` from a failure answer, using its ``Status`` body when it has one."""
+    try:
+        status = orjson.loads(data) if data else None
+    except orjson.JSONDecodeError:
+        status = None
+    if code == 401:
+        # The node says no more than that; say which node and what to check.
+        return ApiError(
+            401,
+            "Unauthorized",
+            f"the node at {server} refused the token (401 Unauthorized); "
+            "check the token of the context in use",
+        )
+    if isinstance(status, dict) and isinstance(status.get("message"), str):
+        details = status.get("details")
+        return ApiError(
+            int(status.get("code") or code),
+            str(status.get("reason") or reason),
+            status["message"],
+            details if isinstance(details, dict) else None,
+        )
+    message = f"the node at {server} answered {code} {reason}"
+    return ApiError(code, reason.replace(" ", ""), message)

@@ -1,0 +1,352 @@
+"""The node's HTTP API, for pctl and the dashboard. The contract is ``docs/api.md``.
+
+A thin aiohttp shell: it authenticates, decodes, validates with the resource rules, calls the
+store, and encodes. Every failure becomes a ``Status`` object with one sentence; nothing a client
+sends can stop the node from serving the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from pollen.api.errors import ApiError
+from pollen.resources import (
+    API_VERSION,
+    KIND_MODELS,
+    InvalidResource,
+    Resource,
+    to_dict,
+    validate_object,
+)
+from pollen.state import ChangeEvent, Conflict, NotFound, ResourceStore, StoreError
+from pollen.state.events import Event, EventLog
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/apis/pollen.dev/v1alpha1"
+MAX_BODY_BYTES = 64 << 20
+WATCH_BOOKMARK_SECONDS = 15.0
+# A watcher that falls this far behind is cut off rather than letting its queue grow without
+# bound; like a Kubernetes watch that expired, the client lists again.
+WATCH_QUEUE_LIMIT = 10_000
+
+_PLURALS: dict[str, str] = {model.PLURAL: kind for kind, model in KIND_MODELS.items()}
+
+STORE_KEY = web.AppKey("store", ResourceStore)
+EVENTS_KEY = web.AppKey("events", EventLog)
+TOKEN_KEY = web.AppKey("token", str)
+NODE_NAME_KEY = web.AppKey("node_name", str)
+
+
+def _json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _failure_response(failure: ApiError) -> web.Response:
+    return _json_response(failure.to_status(), status=failure.code)
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as failure:
+        return _failure_response(failure)
+    except web.HTTPRequestEntityTooLarge:
+        return _failure_response(
+            ApiError(413, "RequestEntityTooLarge", f"request body over {MAX_BODY_BYTES} bytes")
+        )
+    except web.HTTPException as exc:
+        reason = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status, "BadRequest")
+        message = f"{request.method} {request.path}: {exc.reason.lower()}"
+        return _failure_response(ApiError(exc.status, reason, message))
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        return _failure_response(
+            ApiError(500, "InternalError", "internal error; the node logged the details")
+        )
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    expected = request.app[TOKEN_KEY]
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        presented.strip().encode(), expected.encode()
+    ):
+        raise ApiError(401, "Unauthorized", "missing or wrong bearer token")
+    return await handler(request)
+
+
+def _kind_of(request: web.Request) -> str:
+    plural = request.match_info["plural"]
+    kind = _PLURALS.get(plural)
+    if kind is None:
+        known = ", ".join(sorted(_PLURALS))
+        raise ApiError(404, "NotFound", f'unknown resource type "{plural}"; known: {known}')
+    return kind
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return False
+    if value.lower() in ("", "1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise ApiError(400, "BadRequest", f"query parameter {name} must be true or false")
+
+
+def _label_selector(request: web.Request) -> dict[str, str] | None:
+    raw = request.query.get("labelSelector")
+    if not raw:
+        return None
+    selector: dict[str, str] = {}
+    for term in raw.split(","):
+        key, sep, value = term.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ApiError(400, "BadRequest", f"labelSelector term {term!r} is not key=value")
+        selector[key] = value.strip().removeprefix("=")  # accept k==v as kubectl does
+    return selector
+
+
+def _not_found(kind: str, name: str) -> ApiError:
+    return ApiError(404, "NotFound", f'{kind.lower()} "{name}" not found')
+
+
+def _list_body(items: list[dict[str, Any]], kind: str = "List") -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": kind, "items": items}
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _json_response({"status": "ok", "node": request.app[NODE_NAME_KEY]})
+
+
+async def _list(request: web.Request) -> web.StreamResponse:
+    kind = _kind_of(request)
+    selector = _label_selector(request)
+    store = request.app[STORE_KEY]
+    if _flag(request, "watch"):
+        return await _watch(request, kind, None, selector)
+    return _json_response(_list_body([to_dict(r) for r in store.list(kind, selector)]))
+
+
+async def _get(request: web.Request) -> web.StreamResponse:
+    kind = _kind_of(request)
+    name = request.match_info["name"]
+    if _flag(request, "watch"):
+        return await _watch(request, kind, name, None)
+    obj = request.app[STORE_KEY].get(kind, name)
+    if obj is None:
+        raise _not_found(kind, name)
+    return _json_response(to_dict(obj))
+
+
+async def _read_json(request: web.Request) -> Any:
+    body = await request.read()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "BadRequest", f"request body is not valid JSON: {exc}") from exc
+
+
+def _validate_items(payload: Any) -> list[Resource]:
+    if not isinstance(payload, dict) or payload.get("kind") != "List":
+        raise ApiError(400, "BadRequest", 'apply takes a JSON object with "kind": "List"')
+    items = payload.get("items")
+    if not isinstance(items, list):
+        raise ApiError(400, "BadRequest", 'apply takes a List whose "items" is an array')
+    resources: list[Resource] = []
+    for index, item in enumerate(items):
+        try:
+            resources.append(validate_object(item))
+        except InvalidResource as exc:
+            where = f"items[{index}]"
+            if isinstance(item, dict):
+                meta = item.get("metadata")
+                name = meta.get("name") if isinstance(meta, dict) else None
+                if isinstance(item.get("kind"), str) and isinstance(name, str):
+                    where += f' ({item["kind"]} "{name[:253]}")'
+            field = f"{exc.field}: " if exc.field else ""
+            code, reason = (413, "RequestEntityTooLarge") if exc.too_large else (422, "Invalid")
+            raise ApiError(
+                code,
+                reason,
+                f"{where}: {field}{exc.message}",
+                {"index": index, "field": exc.field},
+            ) from exc
+    return resources
+
+
+async def _apply(request: web.Request) -> web.Response:
+    dry_run = _flag(request, "dryRun")
+    resources = _validate_items(await _read_json(request))
+    store = request.app[STORE_KEY]
+    try:
+        outcomes = store.apply(resources, dry_run=dry_run)
+    except Conflict as exc:
+        raise ApiError(409, "Conflict", str(exc)) from exc
+    except StoreError as exc:
+        raise ApiError(400, "BadRequest", str(exc)) from exc
+    if not dry_run:
+        events = request.app[EVENTS_KEY]
+        for outcome in outcomes:
+            if outcome.action != "unchanged":
+                events.record(
+                    outcome.kind,
+                    outcome.name,
+                    outcome.action.capitalize(),
+                    f'{outcome.kind.lower()} "{outcome.name}" {outcome.action} by apply',
+                )
+    items = [
+        {
+            "kind": outcome.kind,
+            "name": outcome.name,
+            "action": outcome.action,
+            "object": to_dict(outcome.object),
+        }
+        for outcome in outcomes
+    ]
+    return _json_response(_list_body(items, kind="ApplyResult"))
+
+
+async def _delete(request: web.Request) -> web.Response:
+    kind = _kind_of(request)
+    name = request.match_info["name"]
+    try:
+        obj = request.app[STORE_KEY].delete(kind, name)
+    except NotFound as exc:
+        raise _not_found(kind, name) from exc
+    pending = obj.metadata.finalizers
+    message = f'{kind.lower()} "{name}" ' + (
+        f"marked for deletion, waiting for finalizers: {', '.join(pending)}"
+        if pending
+        else "deleted"
+    )
+    request.app[EVENTS_KEY].record(kind, name, "Deleted" if not pending else "Deleting", message)
+    return _json_response(to_dict(obj))
+
+
+def _event_filter(request: web.Request) -> tuple[str | None, str | None]:
+    kind = request.query.get("kind")
+    if kind is not None and kind not in KIND_MODELS:
+        raise ApiError(400, "BadRequest", f"unknown kind {kind!r} in query")
+    return kind, request.query.get("name")
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
+    kind, name = _event_filter(request)
+    events = request.app[EVENTS_KEY]
+    if not _flag(request, "watch"):
+        return _json_response(_list_body([e.to_dict() for e in events.list(kind, name)]))
+
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def on_event(event: Event) -> None:
+        if (kind is None or event.kind == kind) and (name is None or event.name == name):
+            _offer(queue, {"type": "ADDED", "object": event.to_dict()})
+
+    initial = [{"type": "ADDED", "object": e.to_dict()} for e in events.list(kind, name)]
+    unsubscribe = events.subscribe(on_event)
+    try:
+        return await _stream(request, initial, queue)
+    finally:
+        unsubscribe()
+
+
+def _offer(queue: asyncio.Queue[dict[str, Any] | None], item: dict[str, Any]) -> None:
+    """Queue a watch line; past the limit, end the watch instead of growing memory."""
+    if queue.qsize() >= WATCH_QUEUE_LIMIT:
+        queue.put_nowait(None)
+    else:
+        queue.put_nowait(item)
+
+
+async def _watch(
+    request: web.Request, kind: str, name: str | None, selector: dict[str, str] | None
+) -> web.StreamResponse:
+    store = request.app[STORE_KEY]
+
+    def matches(obj: Resource) -> bool:
+        if name is not None and obj.metadata.name != name:
+            return False
+        labels = obj.metadata.labels
+        return selector is None or all(labels.get(k) == v for k, v in selector.items())
+
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def on_change(change: ChangeEvent) -> None:
+        if change.kind == kind and matches(change.object):
+            _offer(queue, {"type": str(change.type), "object": to_dict(change.object)})
+
+    # Subscribe before listing: the store calls back synchronously on this loop, so nothing
+    # can slip between the list and the first change.
+    unsubscribe = store.subscribe(on_change)
+    try:
+        if name is not None:
+            current = store.get(kind, name)
+            existing = [current] if current is not None else []
+        else:
+            existing = [obj for obj in store.list(kind, selector)]
+        initial = [{"type": "ADDED", "object": to_dict(obj)} for obj in existing]
+        return await _stream(request, initial, queue)
+    finally:
+        unsubscribe()
+
+
+async def _stream(
+    request: web.Request,
+    initial: list[dict[str, Any]],
+    queue: asyncio.Queue[dict[str, Any] | None],
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    lines = [orjson.dumps(item) + b"\n" for item in initial]
+    lines.append(b'{"type":"BOOKMARK"}\n')
+    await response.write(b"".join(lines))
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), WATCH_BOOKMARK_SECONDS)
+        except TimeoutError:
+            await response.write(b'{"type":"BOOKMARK"}\n')
+            continue
+        if item is None:
+            break
+        await response.write(orjson.dumps(item) + b"\n")
+    await response.write_eof()
+    return response
+
+
+def create_app(
+    store: ResourceStore, events: EventLog, *, token: str, node_name: str
+) -> web.Application:
+    """The aiohttp application serving ``docs/api.md`` for one node."""
+    if not token:
+        raise ValueError("the API needs a non-empty bearer token")
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY_BYTES)
+    app[STORE_KEY] = store
+    app[EVENTS_KEY] = events
+    app[TOKEN_KEY] = token
+    app[NODE_NAME_KEY] = node_name
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get(f"{PREFIX}/events", _events)
+    app.router.add_post(f"{PREFIX}/apply", _apply)
+    app.router.add_get(f"{PREFIX}/{{plural}}", _list)
+    app.router.add_get(f"{PREFIX}/{{plural}}/{{name}}", _get)
+    app.router.add_delete(f"{PREFIX}/{{plural}}/{{name}}", _delete)
+    return app
