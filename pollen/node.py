@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import psutil
 from aiohttp import web
 
@@ -33,7 +34,8 @@ from pollen.state.events import EventLog, EventType
 
 log = logging.getLogger(__name__)
 
-API_URL_FILE = "api-url"
+#: Written once the node serves: where its endpoints are bound, for local tools (pollen up, tests).
+ENDPOINTS_FILE = "endpoints.json"
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class PollenNode:
                     self._runner = None
                 self.store.close()
                 self.store = None
-        (self.config.data_dir / API_URL_FILE).unlink(missing_ok=True)
+        (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
 
     def _register(self, *, ready: bool) -> None:
         """Write this node's Node object: spec from what it is, Ready from whether it serves."""
@@ -139,13 +141,17 @@ class PollenNode:
                 EventType.NORMAL,
             )
 
+    def endpoints(self) -> dict[str, object]:
+        """Where this node serves, as written to ``endpoints.json``."""
+        return {"name": self.name, "api": self.api_url, "pid": os.getpid()}
+
     def announce(self) -> None:
-        """Write the API's URL into the data directory, telling local tools the node serves.
+        """Write ``endpoints.json`` into the data directory: the node serves, and here.
 
         Separate from :meth:`start` so that the caller can first finish its own set-up (the
         pctl context), and whoever sees the file can rely on all of it.
         """
-        path = self.config.data_dir / API_URL_FILE
+        path = self.config.data_dir / ENDPOINTS_FILE
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.api_url + "\n")
+        tmp.write_bytes(orjson.dumps(self.endpoints()))
         os.replace(tmp, path)

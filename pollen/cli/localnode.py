@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
 BIN = Path(sys.executable).parent
-API_URL_FILE = "api-url"  # written by the node once its API is bound (see pollen.node)
 
 
 def tool(name: str) -> str:
@@ -39,6 +40,7 @@ class LocalNode:
     api: str = "127.0.0.1:0"
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
+    endpoints: dict[str, object] = field(default_factory=dict)
 
     @property
     def token(self) -> str:
@@ -51,7 +53,9 @@ class LocalNode:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the process and return once its API is bound and serving."""
-        url_file = self.data_dir / API_URL_FILE
+        from pollen.node import ENDPOINTS_FILE
+
+        url_file = self.data_dir / ENDPOINTS_FILE
         url_file.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -80,7 +84,8 @@ class LocalNode:
                 self.kill()
                 raise NodeStartError(f"node in {self.data_dir} did not serve within {timeout}s")
             time.sleep(0.02)
-        self.url = url_file.read_text().strip()
+        self.endpoints = orjson.loads(url_file.read_bytes())
+        self.url = str(self.endpoints["api"])
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
