@@ -40,7 +40,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _check_name(value: str) -> str:
-    if len(value) > 253 or not _NAME_RE.match(value):
+    if len(value) > 253 or not _NAME_RE.fullmatch(value):
         raise ValueError(
             "must be a lowercase DNS name: a-z, 0-9, '-' and '.', starting and ending "
             "with a letter or digit, at most 253 characters"
@@ -50,22 +50,22 @@ def _check_name(value: str) -> str:
 
 def _check_labels(value: dict[str, str]) -> dict[str, str]:
     for key, item in value.items():
-        if len(key) > 317 or not _LABEL_KEY_RE.match(key):
+        if len(key) > 317 or not _LABEL_KEY_RE.fullmatch(key):
             raise ValueError(f"label key {key!r} is not a valid label key")
-        if not _LABEL_VALUE_RE.match(item):
+        if not _LABEL_VALUE_RE.fullmatch(item):
             raise ValueError(f"label value {item!r} for {key!r} is not a valid label value")
     return value
 
 
 def _check_env(value: dict[str, str]) -> dict[str, str]:
     for key in value:
-        if not _ENV_NAME_RE.match(key):
+        if not _ENV_NAME_RE.fullmatch(key):
             raise ValueError(f"environment variable name {key!r} is not valid")
     return value
 
 
 def _check_digest(value: str) -> str:
-    if not DIGEST_RE.match(value):
+    if not DIGEST_RE.fullmatch(value):
         raise ValueError("must be sha256: followed by 64 lowercase hex digits")
     return value
 
