@@ -6,6 +6,7 @@ needs and owns their start and stop order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -19,17 +20,19 @@ from aiohttp import web
 
 import pollen
 from pollen.api.server import create_app
-from pollen.mesh.identity import NodeIdentity, load_identity
+from pollen.mesh import tokens
+from pollen.mesh.identity import NodeIdentity, load_credentials, load_identity
+from pollen.mesh.membership import EventKind, MemberEvent
+from pollen.mesh.service import MeshService
 from pollen.resources import (
     Capacity,
     ConditionStatus,
     Node,
     NodeSpec,
-    NodeStatus,
     ObjectMeta,
     set_condition,
 )
-from pollen.state import ResourceStore
+from pollen.state import ChangeEvent, ChangeType, ResourceStore
 from pollen.state.events import EventLog, EventType
 
 log = logging.getLogger(__name__)
@@ -45,16 +48,24 @@ class NodeConfig:
     data_dir: Path
     api_host: str = "127.0.0.1"
     api_port: int = 7070
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 7946
     name: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: Addresses to join at start, besides the peers this node remembers.
+    seeds: tuple[tuple[str, int], ...] = ()
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+JOIN_TOKEN_ANNOTATION = "pollen.dev/join-token"
+PEERS_FILE = "peers.json"
+
+
 class PollenNode:
-    """One running node: its state document, event log and HTTP API."""
+    """One running node: its state document, event log, mesh and HTTP API."""
 
     def __init__(self, config: NodeConfig, clock: Callable[[], datetime] = _utcnow) -> None:
         self.config = config
@@ -62,15 +73,44 @@ class PollenNode:
         self.name = config.name or self.identity.node_name
         self._clock = clock
         self.store: ResourceStore | None = None
+        self.mesh: MeshService | None = None
         self.events = EventLog(self.name, clock)
         self._runner: web.AppRunner | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._stopping = False
         self.api_url = ""
 
     async def start(self) -> None:
-        """Open the document, start serving the API, and register this Node as Ready."""
+        """Open the document, join the mesh, serve the API, and register this Node as Ready."""
         self.store = ResourceStore.open(self.identity.state_dir, clock=self._clock)
+        credentials = load_credentials(self.config.data_dir)
+        admitter = None
+        if credentials.root_key is not None:
+            admitter = tokens.Admitter(
+                credentials.root_key,
+                credentials.ca_certificate,
+                used=self._token_used,
+                on_admitted=self._admitted,
+                name_taken=lambda name: self._store().get("Node", name) is not None,
+            )
+        self.mesh = MeshService(
+            credentials,
+            self.store,
+            host=self.config.listen_host,
+            port=self.config.listen_port,
+            admitter=admitter,
+            labels=self.config.labels,
+            load=lambda: psutil.cpu_percent(interval=None) / 100.0,
+            on_member_event=self._member_event,
+        )
+        await self.mesh.start()
+        self._unsubscribe = self.store.subscribe(self._on_change)
         app = create_app(
-            self.store, self.events, token=self.identity.api_token, node_name=self.name
+            self.store,
+            self.events,
+            token=self.identity.api_token,
+            node_name=self.name,
+            rtt=self.mesh.estimated_rtt,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -80,14 +120,31 @@ class PollenNode:
         host, port = self._runner.addresses[0][:2]
         self.api_url = f"http://{host}:{port}"
         self._register(ready=True)
-        log.info("node %s serving the API at %s", self.name, self.api_url)
+        seeds = list(self.config.seeds) + self._remembered_peers()
+        if seeds:
+            joined = await self.mesh.join(seeds)
+            log.info("joined the mesh through %s", ", ".join(joined) or "nobody yet")
+        log.info(
+            "node %s serving the API at %s, the mesh at %s",
+            self.name,
+            self.api_url,
+            self.mesh.address,
+        )
 
     async def stop(self) -> None:
-        """Mark this Node not Ready, stop serving, and close the document."""
+        """Mark this Node not Ready, leave the mesh, stop serving, and close the document."""
+        self._stopping = True
         if self.store is not None:
             try:
                 self._register(ready=False)
             finally:
+                if self._unsubscribe is not None:
+                    self._unsubscribe()
+                if self.mesh is not None:
+                    # Let the NotReady write reach the peers before leaving.
+                    self.mesh.document_changed()
+                    await self.mesh.stop()
+                    self.mesh = None
                 if self._runner is not None:
                     await self._runner.cleanup()
                     self._runner = None
@@ -95,27 +152,70 @@ class PollenNode:
                 self.store = None
         (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
 
-    def _register(self, *, ready: bool) -> None:
-        """Write this node's Node object: spec from what it is, Ready from whether it serves."""
+    def _store(self) -> ResourceStore:
         assert self.store is not None
-        memory = psutil.virtual_memory().total // (1 << 20)
-        cpus = psutil.cpu_count() or 1
-        labels = {"pollen.dev/hostname": self.name, **self.config.labels}
-        desired = Node(
-            metadata=ObjectMeta(name=self.name, labels=labels),
-            spec=NodeSpec(
-                addresses=[self.api_url],
-                capacity=Capacity(memory_mb=memory, cpu_millis=cpus * 1000),
-            ),
+        return self.store
+
+    def _on_change(self, change: ChangeEvent) -> None:
+        if self.mesh is not None:
+            self.mesh.document_changed()
+        if (
+            change.kind == "Node"
+            and change.name == self.name
+            and change.type != ChangeType.DELETED
+            and self.api_url
+        ):
+            # Level-triggered: whatever changed our own Node (a merge from a peer that created
+            # it at admission, a concurrent write that won), make it say what we are again.
+            asyncio.get_running_loop().call_soon(self._reassert_own_node)
+
+    def _reassert_own_node(self) -> None:
+        if self.store is not None and self.mesh is not None and not self._stopping:
+            self._register(ready=True)
+
+    # admission: the document records which tokens were spent, on the Node they admitted
+
+    def _token_used(self, token_id: str) -> bool:
+        return any(
+            node.metadata.annotations.get(JOIN_TOKEN_ANNOTATION) == token_id
+            for node in self._store().list("Node")
         )
-        self.store.apply([desired])
-        current = self.store.get("Node", self.name)
-        assert isinstance(current, Node)
-        reason, message = (
-            ("NodeReady", "node is serving")
-            if ready
-            else ("NodeShutdown", "node stopped gracefully")
+
+    def _admitted(self, claims: tokens.TokenClaims, name: str, _certificate: object) -> None:
+        node = Node(
+            metadata=ObjectMeta(name=name, annotations={JOIN_TOKEN_ANNOTATION: claims.token_id}),
         )
+        self._store().apply([node])
+        self.events.record("Node", name, "Admitted", f'node "{name}" joined with a token')
+
+    # membership drives the Ready condition of Nodes
+
+    def _member_event(self, event: MemberEvent) -> None:
+        member = event.member
+        if member.name == self.name:
+            return
+        if event.kind in (EventKind.DEAD, EventKind.LEFT):
+            ready, reason, message = False, "NodeUnreachable", "membership declared it dead"
+            if event.kind == EventKind.LEFT:
+                reason, message = "NodeLeft", "it left the mesh gracefully"
+        elif event.kind in (EventKind.JOINED, EventKind.ALIVE):
+            ready, reason, message = True, "NodeReady", "alive in membership"
+        else:
+            return
+        self._remember_peers()
+        # One member writes each transition (the first alive member by name, the subject
+        # aside), so that a death does not become N identical writes in the document.
+        assert self.mesh is not None
+        writers = [n for n in self.mesh.alive() if n != member.name]
+        if not writers or writers[0] != self.name:
+            return
+        self._set_ready(member.name, ready, reason, message)
+
+    def _set_ready(self, name: str, ready: bool, reason: str, message: str) -> None:
+        store = self._store()
+        current = store.get("Node", name)
+        if not isinstance(current, Node):
+            return
         conditions = set_condition(
             current.status.conditions,
             "Ready",
@@ -125,25 +225,89 @@ class PollenNode:
             observed_generation=current.metadata.generation,
             now=self._clock(),
         )
-        status = NodeStatus(
-            observed_generation=current.metadata.generation,
-            conditions=conditions,
-            api=self.api_url,
-            version=pollen.__version__,
-        )
+        status = current.status.model_copy(update={"conditions": conditions})
         if status != current.status:
-            self.store.update_status("Node", self.name, status)
+            store.update_status("Node", name, status)
             self.events.record(
+                "Node", name, reason, message, EventType.NORMAL if ready else EventType.WARNING
+            )
+
+    def _remembered_peers(self) -> list[tuple[str, int]]:
+        try:
+            data = orjson.loads((self.config.data_dir / PEERS_FILE).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return []
+        peers: list[tuple[str, int]] = []
+        for item in data if isinstance(data, list) else []:
+            if (
+                isinstance(item, list)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and isinstance(item[1], int)
+            ):
+                peers.append((item[0], item[1]))
+        return peers[:16]
+
+    def _remember_peers(self) -> None:
+        """Keep a few peer addresses, so that a restarted node finds the mesh again."""
+        assert self.mesh is not None
+        addresses = []
+        for name in self.mesh.alive():
+            if name == self.name:
+                continue
+            for text in self.mesh.members()[name].meta.addresses[:1]:
+                host, _, port = text.rpartition(":")
+                if port.isdigit():
+                    addresses.append([host.strip("[]"), int(port)])
+        if addresses:
+            path = self.config.data_dir / PEERS_FILE
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(orjson.dumps(addresses[:16]))
+            os.replace(tmp, path)
+
+    def _register(self, *, ready: bool) -> None:
+        """Write this node's Node object: spec from what it is, Ready from whether it serves."""
+        store = self._store()
+        memory = psutil.virtual_memory().total // (1 << 20)
+        cpus = psutil.cpu_count() or 1
+        labels = {"pollen.dev/hostname": self.name, **self.config.labels}
+        existing = store.get("Node", self.name)
+        annotations = dict(existing.metadata.annotations) if existing is not None else {}
+        addresses = [self.api_url]
+        if self.mesh is not None:
+            addresses.append(f"quic://{self.mesh.address}")
+        desired = Node(
+            metadata=ObjectMeta(name=self.name, labels=labels, annotations=annotations),
+            spec=NodeSpec(
+                addresses=addresses,
+                capacity=Capacity(memory_mb=memory, cpu_millis=cpus * 1000),
+            ),
+        )
+        store.apply([desired])
+        current = store.get("Node", self.name)
+        assert isinstance(current, Node)
+        reason, message = (
+            ("NodeReady", "node is serving")
+            if ready
+            else ("NodeShutdown", "node stopped gracefully")
+        )
+        self._set_ready(self.name, ready, reason, message)
+        status = current.status
+        if status.api != self.api_url or status.version != pollen.__version__:
+            fresh = store.get("Node", self.name)
+            assert isinstance(fresh, Node)
+            store.update_status(
                 "Node",
                 self.name,
-                reason,
-                message,
-                EventType.NORMAL,
+                fresh.status.model_copy(
+                    update={"api": self.api_url, "version": pollen.__version__}
+                ),
             )
 
     def endpoints(self) -> dict[str, object]:
         """Where this node serves, as written to ``endpoints.json``."""
-        return {"name": self.name, "api": self.api_url, "pid": os.getpid()}
+        listen = self.mesh.address if self.mesh is not None else None
+        return {"name": self.name, "api": self.api_url, "listen": listen, "pid": os.getpid()}
 
     def announce(self) -> None:
         """Write ``endpoints.json`` into the data directory: the node serves, and here.

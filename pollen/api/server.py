@@ -43,6 +43,8 @@ STORE_KEY = web.AppKey("store", ResourceStore)
 EVENTS_KEY = web.AppKey("events", EventLog)
 TOKEN_KEY = web.AppKey("token", str)
 NODE_NAME_KEY = web.AppKey("node_name", str)
+RttEstimate = Callable[[str], float | None]
+RTT_KEY: web.AppKey[RttEstimate] = web.AppKey("rtt")
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -133,6 +135,16 @@ def _list_body(items: list[dict[str, Any]], kind: str = "List") -> dict[str, Any
     return {"apiVersion": API_VERSION, "kind": kind, "items": items}
 
 
+def _present(request: web.Request, obj: Resource) -> dict[str, Any]:
+    """An object as this node serves it: Nodes get the RTT this node estimates to them."""
+    data = to_dict(obj)
+    if obj.kind == "Node":
+        rtt = request.app[RTT_KEY](obj.metadata.name)
+        if rtt is not None:
+            data.setdefault("status", {})["estimatedRTTMs"] = round(rtt * 1000, 3)
+    return data
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return _json_response({"status": "ok", "node": request.app[NODE_NAME_KEY]})
 
@@ -143,7 +155,7 @@ async def _list(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE_KEY]
     if _flag(request, "watch"):
         return await _watch(request, kind, None, selector)
-    return _json_response(_list_body([to_dict(r) for r in store.list(kind, selector)]))
+    return _json_response(_list_body([_present(request, r) for r in store.list(kind, selector)]))
 
 
 async def _get(request: web.Request) -> web.StreamResponse:
@@ -154,7 +166,7 @@ async def _get(request: web.Request) -> web.StreamResponse:
     obj = request.app[STORE_KEY].get(kind, name)
     if obj is None:
         raise _not_found(kind, name)
-    return _json_response(to_dict(obj))
+    return _json_response(_present(request, obj))
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -292,7 +304,7 @@ async def _watch(
 
     def on_change(change: ChangeEvent) -> None:
         if change.kind == kind and matches(change.object):
-            _offer(queue, {"type": str(change.type), "object": to_dict(change.object)})
+            _offer(queue, {"type": str(change.type), "object": _present(request, change.object)})
 
     # Subscribe before listing: the store calls back synchronously on this loop, so nothing
     # can slip between the list and the first change.
@@ -303,7 +315,7 @@ async def _watch(
             existing = [current] if current is not None else []
         else:
             existing = [obj for obj in store.list(kind, selector)]
-        initial = [{"type": "ADDED", "object": to_dict(obj)} for obj in existing]
+        initial = [{"type": "ADDED", "object": _present(request, obj)} for obj in existing]
         return await _stream(request, initial, queue)
     finally:
         unsubscribe()
@@ -333,7 +345,12 @@ async def _stream(
 
 
 def create_app(
-    store: ResourceStore, events: EventLog, *, token: str, node_name: str
+    store: ResourceStore,
+    events: EventLog,
+    *,
+    token: str,
+    node_name: str,
+    rtt: RttEstimate | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``docs/api.md`` for one node."""
     if not token:
@@ -343,6 +360,7 @@ def create_app(
     app[EVENTS_KEY] = events
     app[TOKEN_KEY] = token
     app[NODE_NAME_KEY] = node_name
+    app[RTT_KEY] = rtt or (lambda _name: None)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get(f"{PREFIX}/events", _events)
     app.router.add_post(f"{PREFIX}/apply", _apply)

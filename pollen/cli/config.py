@@ -17,6 +17,7 @@ with :func:`load_config`. The file holds bearer tokens, so it is written with mo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,38 @@ def save_context(context: Context, *, make_current: bool, path: Path | None = No
     and reported as ``ConfigError`` rather than overwritten. Concurrent writers (several
     ``pollen init`` at once) are serialised with a lock so that no context is lost.
     """
+
+    def change(config: ClientConfig) -> ClientConfig:
+        contexts = [c for c in config.contexts if c.name != context.name]
+        # Replace in place so that a re-initialised node keeps its position in the list.
+        position = next(
+            (i for i, c in enumerate(config.contexts) if c.name == context.name), len(contexts)
+        )
+        contexts.insert(position, context)
+        current = context.name if make_current else config.current_context
+        return ClientConfig(current_context=current, contexts=tuple(contexts))
+
+    _update(change, path)
+
+
+def remove_context(name: str, path: Path | None = None) -> None:
+    """Remove the context ``name`` (as ``kind delete cluster`` removes its kubeconfig entry).
+
+    If it was the current context, the first remaining one becomes current.
+    """
+
+    def change(config: ClientConfig) -> ClientConfig:
+        contexts = tuple(c for c in config.contexts if c.name != name)
+        current = config.current_context
+        if current == name:
+            current = contexts[0].name if contexts else None
+        return ClientConfig(current_context=current, contexts=contexts)
+
+    _update(change, path)
+
+
+def _update(change: Callable[[ClientConfig], ClientConfig], path: Path | None) -> None:
+    """Read, change and write the config file under a lock."""
     import fcntl
 
     import yaml
@@ -169,15 +202,7 @@ def save_context(context: Context, *, make_current: bool, path: Path | None = No
     lock_fd = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        config = load_config(path)
-        contexts = [c for c in config.contexts if c.name != context.name]
-        # Replace in place so that a re-initialised node keeps its position in the list.
-        position = next(
-            (i for i, c in enumerate(config.contexts) if c.name == context.name), len(contexts)
-        )
-        contexts.insert(position, context)
-        current = context.name if make_current else config.current_context
-        updated = ClientConfig(current_context=current, contexts=tuple(contexts))
+        updated = change(load_config(path))
         text = yaml.dump(
             _document(updated),
             Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),

@@ -53,6 +53,11 @@ class LocalNode:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the process and return once its API is bound and serving."""
+        self.spawn()
+        self.wait_serving(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (see :meth:`wait_serving`)."""
         from pollen.node import ENDPOINTS_FILE
 
         url_file = self.data_dir / ENDPOINTS_FILE
@@ -73,6 +78,13 @@ class LocalNode:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        """Return once the node announced its endpoints; raise if it exits or takes too long."""
+        from pollen.node import ENDPOINTS_FILE
+
+        assert self.proc is not None
+        url_file = self.data_dir / ENDPOINTS_FILE
         deadline = time.monotonic() + timeout
         while not url_file.exists():
             if self.proc.poll() is not None:

@@ -317,7 +317,10 @@ def _node_row(obj: Obj, now: datetime, wide: bool) -> list[str]:
         format_age(_get(obj, "metadata", "creationTimestamp"), now),
     ]
     if wide:
+        # The round trip from the node that answered, estimated from Vivaldi coordinates.
+        rtt = _get(obj, "status", "estimatedRTTMs")
         row += [
+            f"{rtt:.1f}ms" if isinstance(rtt, int | float) else "<none>",
             _cpu(_get(spec, "capacity", "cpuMillis")),
             _memory(_get(spec, "capacity", "memoryMB")),
             _pairs(_get(obj, "metadata", "labels")),
@@ -333,7 +336,7 @@ _COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "Replica": (["NAME", "WORKLOAD", "NODE", "PHASE", "AGE"], ["SCORE", "ARTIFACT"]),
     "Artifact": (["NAME", "DIGEST", "SIZE", "AGE"], ["SIGNER"]),
-    "Node": (["NAME", "STATUS", "ADDRESSES", "AGE"], ["CPU", "MEMORY", "LABELS", "API"]),
+    "Node": (["NAME", "STATUS", "ADDRESSES", "AGE"], ["RTT", "CPU", "MEMORY", "LABELS", "API"]),
 }
 _ROWS = {
     "Workload": _workload_row,

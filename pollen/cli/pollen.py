@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -13,6 +15,7 @@ import click
 from pollen.mesh.identity import IdentityError, default_node_name, init_data_dir
 
 DEFAULT_API = "127.0.0.1:7070"
+DEFAULT_LISTEN = "127.0.0.1:7946"
 
 
 def _fail(message: str) -> None:
@@ -89,22 +92,53 @@ def init(data_dir: Path, cluster_name: str, node_name: str | None, api: str) -> 
     show_default=True,
     help="HTTP API address (port 0: any free port)",
 )
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    help="QUIC mesh address (UDP; port 0: any free port)",
+)
+@click.option("--join", "join_token", default=None, help="Join token from 'pollen token create'")
 @click.option("--name", default=None, help="Node name [default: the one chosen at init]")
 @click.option("--label", "labels", multiple=True, help="Node label k=v (repeatable)")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages")
 def node(
-    data_dir: Path, api: str, name: str | None, labels: tuple[str, ...], verbose: bool
+    data_dir: Path,
+    api: str,
+    listen: str,
+    join_token: str | None,
+    name: str | None,
+    labels: tuple[str, ...],
+    verbose: bool,
 ) -> None:
-    """Run a node until SIGTERM or Ctrl-C."""
+    """Run a node until SIGTERM or Ctrl-C.
+
+    With --join on an empty data directory, the node first enrols with the token: it gets a
+    certificate from a node of the cluster, then joins the mesh.
+    """
+    from pollen.mesh.identity import NODE_FILE
     from pollen.node import NodeConfig, PollenNode
 
     host, port = parse_host_port(api, "--api")
+    listen_host, listen_port = parse_host_port(listen, "--listen")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    seeds: tuple[tuple[str, int], ...] = ()
+    if join_token is not None:
+        seeds = _token_addresses(join_token)
+        if not (data_dir / NODE_FILE).exists():
+            _enrol(data_dir, join_token, name or default_node_name())
     config = NodeConfig(
-        data_dir=data_dir, api_host=host, api_port=port, name=name, labels=parse_labels(labels)
+        data_dir=data_dir,
+        api_host=host,
+        api_port=port,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        name=name,
+        labels=parse_labels(labels),
+        seeds=seeds,
     )
     try:
         pollen_node = PollenNode(config)
@@ -114,7 +148,107 @@ def node(
     try:
         asyncio.run(_run_node(pollen_node))
     except OSError as exc:
-        _fail(f"cannot serve the API on {api}: {exc.strerror or exc}")
+        _fail(f"cannot serve on {api} (API) or {listen} (mesh): {exc.strerror or exc}")
+
+
+def _token_addresses(token: str) -> tuple[tuple[str, int], ...]:
+    from datetime import UTC, datetime
+
+    from pollen.mesh.tokens import TokenError, verify_token
+
+    try:
+        return verify_token(token, datetime.now(UTC)).addresses
+    except TokenError as exc:
+        _fail(f"the join token is not usable: {exc}")
+        raise AssertionError("unreachable") from exc
+
+
+def _enrol(data_dir: Path, token: str, node_name: str) -> None:
+    """Spend ``token`` for a certificate and write a new data directory with it."""
+    from pollen.mesh.identity import init_joined_data_dir
+    from pollen.mesh.tokens import EnrolmentError
+    from pollen.mesh.transport import TransportError, enrol
+
+    try:
+        enrolment = asyncio.run(enrol(token, node_name))
+    except (EnrolmentError, TransportError) as exc:
+        _fail(f"could not join the cluster: {exc}")
+        return
+    try:
+        init_joined_data_dir(
+            data_dir,
+            node_key=enrolment.node_key,
+            certificate=enrolment.certificate,
+            ca_certificate=enrolment.ca_certificate,
+        )
+    except IdentityError as exc:
+        _fail(str(exc))
+
+
+@main.group()
+def token() -> None:
+    """Join tokens."""
+
+
+@token.command("create")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--ttl", default="1h", show_default=True, help="How long the token is valid")
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    help="Address to dial, HOST:PORT [default: where this node's mesh listens]",
+)
+def token_create(data_dir: Path, ttl: str, addresses: tuple[str, ...]) -> None:
+    """Print a single-use join token for a new node (this node must hold the root key)."""
+    from datetime import UTC, datetime, timedelta
+
+    import orjson
+
+    from pollen.mesh.identity import load_credentials
+    from pollen.mesh.tokens import create_token
+    from pollen.node import ENDPOINTS_FILE
+
+    seconds = _parse_ttl(ttl)
+    try:
+        credentials = load_credentials(data_dir)
+    except IdentityError as exc:
+        _fail(str(exc))
+        return
+    if credentials.root_key is None:
+        _fail(f"{data_dir} holds no root key: only the node that created the cluster admits")
+        return
+    dial = [parse_host_port(a, "--address") for a in addresses]
+    if not dial:
+        try:
+            endpoints = orjson.loads((data_dir / ENDPOINTS_FILE).read_bytes())
+            dial = [parse_host_port(str(endpoints["listen"]), "--address")]
+        except (OSError, orjson.JSONDecodeError, KeyError, click.BadParameter):
+            _fail(f"the node in {data_dir} is not running; start it or give --address")
+            return
+    click.echo(
+        create_token(
+            credentials.root_key,
+            cluster=credentials.cluster_name,
+            addresses=dial,
+            ttl=timedelta(seconds=seconds),
+            now=datetime.now(UTC),
+        )
+    )
+
+
+def _parse_ttl(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(value) * units[unit]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a duration like 30m or 1h", param_hint="--ttl"
+        ) from None
+    if not 0 < seconds <= 30 * 86400:
+        raise click.BadParameter("must be between 1s and 30d", param_hint="--ttl")
+    return seconds
 
 
 async def _run_node(pollen_node: object) -> None:
@@ -155,6 +289,48 @@ def _point_context_at(pollen_node: object) -> None:
                     Context(context.name, pollen_node.api_url, context.token), make_current=False
                 )
             return
+
+
+@main.command()
+@click.option("--nodes", "count", type=click.IntRange(1, 64), default=3, show_default=True)
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--detach", is_flag=True, help="Return once every node is Ready")
+def up(count: int, directory: Path, detach: bool) -> None:
+    """Start a local swarm of COUNT nodes on 127.0.0.1, with a pctl context each."""
+    from pollen.cli.swarm import SwarmError, down
+    from pollen.cli.swarm import up as start_swarm
+
+    try:
+        nodes = start_swarm(count, directory)
+    except SwarmError as exc:
+        _fail(str(exc))
+        return
+    for swarm_node in nodes:
+        click.echo(f"{swarm_node.name}  api {swarm_node.api}  mesh {swarm_node.listen}")
+    click.echo(f'{len(nodes)} nodes Ready; pctl context "{nodes[0].context}" is current.')
+    if detach:
+        click.echo(f"Stop them with: pollen down --dir {directory}")
+        return
+    click.echo("Press Ctrl-C to stop the swarm.")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    down(directory)
+
+
+@main.command("down")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path))
+def down_command(directory: Path) -> None:
+    """Stop a swarm started with 'pollen up --detach' and remove its contexts."""
+    from pollen.cli.swarm import SwarmError, down
+
+    try:
+        names = down(directory)
+    except SwarmError as exc:
+        _fail(str(exc))
+        return
+    click.echo(f"stopped {', '.join(names)}")
 
 
 @main.command()

@@ -347,6 +347,11 @@ class NodeSpec(Model):
 class NodeStatus(Status):
     api: Annotated[str, StringConstraints(max_length=1024)] | None = None
     version: Annotated[str, StringConstraints(max_length=255)] | None = None
+    #: Round trip from the node that answered the request, estimated from Vivaldi coordinates.
+    #: Filled in by that node when it serves the object; never stored in the document.
+    estimated_rtt_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        default=None, alias="estimatedRTTMs"
+    )
 
 
 class Node(Resource):

@@ -274,8 +274,17 @@ def test_node_status_from_ready_condition(ready: str | None, status: str) -> Non
 
 def test_node_table_wide() -> None:
     header, row = lines(object_table([node()], "Node", NOW, wide=True))
-    assert header[4:] == ["CPU", "MEMORY", "LABELS", "API"]
-    assert row[4:] == ["4", "16384MB", "pollen.dev/hostname=node-1", "http://127.0.0.1:7070"]
+    assert header[4:] == ["RTT", "CPU", "MEMORY", "LABELS", "API"]
+    assert row[4:] == [
+        "<none>", "4", "16384MB", "pollen.dev/hostname=node-1", "http://127.0.0.1:7070"
+    ]
+
+
+def test_node_table_wide_shows_the_estimated_rtt() -> None:
+    obj = node()
+    obj["status"]["estimatedRTTMs"] = 12.345
+    _, row = lines(object_table([obj], "Node", NOW, wide=True))
+    assert row[4] == "12.3ms"
 
 
 def test_unschedulable_node() -> None:

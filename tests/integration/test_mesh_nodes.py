@@ -1,0 +1,166 @@
+"""A swarm of real node processes on loopback: join with tokens, gossip, failure detection."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pollen.api.client import ApiClient
+from pollen.api.errors import ApiError
+from pollen.cli.localnode import LocalNode, init_node, tool
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+MESH = ["--listen", "127.0.0.1:0"]
+
+
+def _workload(name: str, replicas: int = 1) -> dict[str, object]:
+    return {
+        "apiVersion": "pollen.dev/v1alpha1",
+        "kind": "Workload",
+        "metadata": {"name": name},
+        "spec": {"artifact": "sha256:" + "2" * 64, "replicas": replicas},
+    }
+
+
+class Swarm:
+    """Nodes started the way users start them: init, token create, node --join."""
+
+    def __init__(self, work: Path, env: dict[str, str]) -> None:
+        self.work = work
+        self.env = env
+        self.nodes: dict[str, LocalNode] = {}
+
+    def first(self, name: str = "n1") -> LocalNode:
+        init_node(self.work / name, name, env=self.env)
+        node = LocalNode(self.work / name, self.work / f"{name}.log", self.env, list(MESH))
+        node.start()
+        self.nodes[name] = node
+        return node
+
+    def token(self, ttl: str = "10m") -> str:
+        result = subprocess.run(
+            [tool("pollen"), "token", "create", "--data-dir", str(self.work / "n1"),
+             "--ttl", ttl],
+            env=self.env, capture_output=True, check=True, timeout=60,
+        )
+        return result.stdout.decode().strip()
+
+    def join(self, name: str, token: str | None = None) -> LocalNode:
+        args = [*MESH, "--name", name, "--join", token or self.token()]
+        node = LocalNode(self.work / name, self.work / f"{name}.log", self.env, args)
+        node.start()
+        self.nodes[name] = node
+        return node
+
+    def client(self, name: str) -> ApiClient:
+        node = self.nodes[name]
+        return ApiClient(node.url, node.token, timeout=10)
+
+    def ready_view(self, observer: str) -> dict[str, str]:
+        """Each Node's Ready status as ``observer`` sees it."""
+        try:
+            items = self.client(observer).list("nodes")
+        except ApiError:
+            return {}
+        view = {}
+        for item in items:
+            conditions = item.get("status", {}).get("conditions", [])
+            ready = [c["status"] for c in conditions if c["type"] == "Ready"]
+            view[item["metadata"]["name"]] = ready[0] if ready else "Unknown"
+        return view
+
+
+@pytest.fixture
+def swarm(tmp_path: Path, pollen_env: dict[str, str]) -> Iterator[Swarm]:
+    swarm = Swarm(tmp_path, pollen_env)
+    yield swarm
+    for node in swarm.nodes.values():
+        node.kill()
+
+
+def _all_see(swarm: Swarm, expected: dict[str, str]) -> Callable[[], bool]:
+    def check() -> bool:
+        return all(
+            swarm.ready_view(observer) == expected
+            for observer, node in swarm.nodes.items()
+            if node.running()
+        )
+
+    return check
+
+
+def test_nodes_join_with_tokens_and_share_the_document(swarm: Swarm) -> None:
+    swarm.first("n1")
+    swarm.join("n2")
+    swarm.join("n3")
+    wait_for(_all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}), timeout=30,
+             what="every node Ready everywhere")
+    swarm.client("n2").apply([_workload("from-n2", 2)])
+    for observer in ("n1", "n3"):
+        wait_for(
+            lambda o=observer: any(
+                w["metadata"]["name"] == "from-n2" for w in swarm.client(o).list("workloads")
+            ),
+            timeout=15,
+            what=f"the workload applied on n2 to reach {observer}",
+        )
+    # Each node describes itself in its own Node: addresses, capacity (not what admission wrote).
+    node3 = swarm.client("n1").get("nodes", "n3")
+    assert any(a.startswith("quic://") for a in node3["spec"]["addresses"])
+    assert node3["spec"]["capacity"]["cpuMillis"] > 0
+
+
+def test_a_killed_node_becomes_not_ready_everywhere_and_comes_back(swarm: Swarm) -> None:
+    swarm.first("n1")
+    swarm.join("n2")
+    swarm.join("n3")
+    wait_for(_all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}), timeout=30,
+             what="every node Ready everywhere")
+    swarm.nodes["n3"].kill()
+    wait_for(_all_see(swarm, {"n1": "True", "n2": "True", "n3": "False"}), timeout=30,
+             what="n3 NotReady on n1 and n2")
+    # While n3 is away the others keep working, and n3 catches up when it is back.
+    swarm.client("n1").apply([_workload("while-away")])
+    swarm.nodes["n3"].start()
+    wait_for(_all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}), timeout=30,
+             what="n3 Ready again everywhere")
+    wait_for(
+        lambda: any(
+            w["metadata"]["name"] == "while-away" for w in swarm.client("n3").list("workloads")
+        ),
+        timeout=15,
+        what="n3 to catch up with what was applied while it was away",
+    )
+
+
+def test_a_token_is_spent_once(swarm: Swarm) -> None:
+    swarm.first("n1")
+    token = swarm.token()
+    swarm.join("n2", token)
+    reuse = subprocess.run(
+        [tool("pollen"), "node", "--data-dir", str(swarm.work / "n3"), "--name", "n3",
+         *MESH, "--api", "127.0.0.1:0", "--join", token],
+        env=swarm.env, capture_output=True, timeout=60, check=False,
+    )
+    assert reuse.returncode != 0
+    assert b"error:" in reuse.stderr
+    assert not (swarm.work / "n3" / "node.json").exists()
+
+
+def test_an_expired_or_forged_token_is_refused(swarm: Swarm) -> None:
+    swarm.first("n1")
+    token = swarm.token()
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    result = subprocess.run(
+        [tool("pollen"), "node", "--data-dir", str(swarm.work / "n4"), "--name", "n4",
+         *MESH, "--api", "127.0.0.1:0", "--join", forged],
+        env=swarm.env, capture_output=True, timeout=60, check=False,
+    )
+    assert result.returncode != 0
+    assert b"token" in result.stderr
+    assert not (swarm.work / "n4" / "node.json").exists()
