@@ -734,9 +734,10 @@ def parse_duration(text: str) -> float:
 
 @dataclass(frozen=True)
 class WaitFor:
-    """What ``pctl wait --for`` waits for: a condition with a status, or deletion."""
+    """What ``pctl wait --for``: a condition with a status, creation, or deletion."""
 
     delete: bool = False
+    create: bool = False
     condition: str = ""
     status: str = "True"
 
@@ -746,6 +747,8 @@ class WaitFor:
         A condition observed for an older generation does not count: right after an apply,
         ``Ready`` may still describe the previous spec.
         """
+        if self.create:
+            return True
         cond = condition(obj, self.condition)
         if cond is None or str(cond.get("status")) != self.status:
             return False
@@ -757,9 +760,11 @@ class WaitFor:
 
 
 def parse_wait_for(text: str) -> WaitFor:
-    """``condition=Ready``, ``condition=Ready=False`` or ``delete``."""
+    """``condition=Ready``, ``condition=Ready=False``, ``create`` or ``delete``."""
     if text == "delete":
         return WaitFor(delete=True)
+    if text == "create":
+        return WaitFor(create=True)
     what, sep, rest = text.partition("=")
     if what == "condition" and sep and rest:
         name, has_status, status = rest.partition("=")
@@ -769,7 +774,7 @@ def parse_wait_for(text: str) -> WaitFor:
                 condition=name, status=statuses[status.lower()] if has_status else "True"
             )
     raise CliError(
-        f'unrecognised --for "{text}"; use condition=NAME, condition=NAME=False or delete'
+        f'unrecognised --for "{text}"; use condition=NAME, condition=NAME=False, create or delete'
     )
 
 
@@ -1162,7 +1167,7 @@ def diff(ctx: click.Context, paths: tuple[str, ...]) -> None:
 @click.argument("name", required=False)
 @click.option(
     "--for", "for_", required=True, metavar="CONDITION",
-    help="condition=NAME[=STATUS] or delete",
+    help="condition=NAME[=STATUS], create or delete",
 )  # fmt: skip
 @click.option("--timeout", default="60s", show_default=True, help="Give up after this long")
 @click.pass_context
@@ -1198,6 +1203,8 @@ def _wait(client: ApiClient, info: KindInfo, name: str, wanted: WaitFor, seconds
                 return True
             raise
         return not wanted.delete and wanted.met(obj)
+    if wanted.create:
+        return _wait_created(client, info, name, seconds)
     deadline = time.monotonic() + seconds
     while True:
         remaining = deadline - time.monotonic()
@@ -1225,6 +1232,19 @@ def _wait(client: ApiClient, info: KindInfo, name: str, wanted: WaitFor, seconds
         # The node ended the stream (it cuts off watchers that fall behind): watch again,
         # after a pause so that a node that keeps closing streams is not hammered.
         time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+
+
+def _wait_created(client: ApiClient, info: KindInfo, name: str, seconds: float) -> bool:
+    """Wait until ``name`` exists, watching its kind (a watch of one name ends at absence)."""
+    for event in client.watch(info.plural, timeout=seconds):
+        changed = event.get("object")
+        if (
+            event.get("type") in ("ADDED", "MODIFIED")
+            and isinstance(changed, dict)
+            and _get(changed, "metadata", "name") == name
+        ):
+            return True
+    return False
 
 
 @main.command()

@@ -467,6 +467,8 @@ def test_parse_wait_for() -> None:
     assert parse_wait_for("condition=Ready") == WaitFor(condition="Ready", status="True")
     assert parse_wait_for("condition=Ready=false") == WaitFor(condition="Ready", status="False")
     assert parse_wait_for("delete") == WaitFor(delete=True)
+    assert parse_wait_for("create") == WaitFor(create=True)
+    assert WaitFor(create=True).met({"metadata": {"name": "x"}})
     for bad in ("ready", "condition=", "condition=Ready=maybe", "jsonpath={.x}"):
         with pytest.raises(CliError, match="unrecognised --for"):
             parse_wait_for(bad)
