@@ -74,6 +74,10 @@ def _all_ready(node: LocalNode, names: list[str]) -> bool:
         return False
     ready = set()
     for item in items:
+        # Ready, and described by the node itself (its own write, gossiped to the first node),
+        # not only the stub that admission wrote.
+        if not item.get("status", {}).get("api"):
+            continue
         for cond in item.get("status", {}).get("conditions", []):
             if cond.get("type") == "Ready" and cond.get("status") == "True":
                 ready.add(item["metadata"]["name"])
