@@ -8,7 +8,7 @@ export UV_PYTHON := $(PYTHON)
 export UV_COMPILE_BYTECODE := 1
 RUN    := $(UV) run --frozen --no-progress
 
-.PHONY: env demo test lint typecheck bench clean
+.PHONY: env examples demo test lint typecheck bench clean
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -20,6 +20,10 @@ $(TOOLS)/bin/uv:
 	touch $@
 
 env: .venv/.synced
+
+# Example workloads, built from source in examples/ into build/examples/NAME.wasm.
+examples: env
+	$(RUN) python examples/build.py --out build/examples
 
 demo: env
 	$(RUN) pollen demo
@@ -36,7 +40,8 @@ lint: env
 typecheck: env
 	$(RUN) mypy
 
-bench: env
+bench: env examples
+	@command -v wrk >/dev/null || (apt-get install -y wrk >/dev/null 2>&1 || echo "wrk not installed: its rows are skipped")
 	$(RUN) python -m bench.run
 
 clean:

@@ -333,7 +333,9 @@ async def _stream(
     await response.write(b"".join(lines))
     while True:
         try:
-            item = await asyncio.wait_for(queue.get(), WATCH_BOOKMARK_SECONDS)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(WATCH_BOOKMARK_SECONDS):
+                item = await queue.get()
         except TimeoutError:
             await response.write(b'{"type":"BOOKMARK"}\n')
             continue

@@ -292,6 +292,76 @@ def _point_context_at(pollen_node: object) -> None:
 
 
 @main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "--executor",
+    type=click.Choice(["http", "command"]),
+    default="http",
+    show_default=True,
+    help="Serve HTTP requests (WAGI) or run once as a command",
+)
+@click.option("--port", default=8080, show_default=True, help="HTTP port on 127.0.0.1 (0: any)")
+@click.option("-e", "--env", "env_items", multiple=True, help="Environment variable K=V")
+@click.option("--memory-mb", type=int, default=None, help="Memory limit [default: 64]")
+@click.option(
+    "--timeout-ms", type=int, default=None, help="Per-invocation timeout [default: 30000]"
+)
+def run(
+    file: Path,
+    args: tuple[str, ...],
+    executor: str,
+    port: int,
+    env_items: tuple[str, ...],
+    memory_mb: int | None,
+    timeout_ms: int | None,
+) -> None:
+    """Run one module in the sandbox, with no cluster: serve it over HTTP, or run it once.
+
+    Arguments after FILE (put them after `--`) are the module's argv. The exit status of a
+    command is the module's own.
+    """
+    from pydantic import ValidationError
+
+    from pollen.runtime.standalone import default_cache_dir, run_command, run_http
+
+    env: dict[str, str] = {}
+    for item in env_items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
+        env[key] = value
+    cache_dir = default_cache_dir()
+    try:
+        if executor == "command":
+            sys.exit(
+                run_command(
+                    file,
+                    args=args,
+                    env=env,
+                    memory_mb=memory_mb,
+                    timeout_ms=timeout_ms,
+                    cache_dir=cache_dir,
+                )
+            )
+        sys.exit(
+            run_http(
+                file,
+                port=port,
+                args=args,
+                env=env,
+                memory_mb=memory_mb,
+                timeout_ms=timeout_ms,
+                cache_dir=cache_dir,
+            )
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        _fail(f"{where}: {first['msg']}")
+
+
+@main.command()
 @click.option("--nodes", "count", type=click.IntRange(1, 64), default=3, show_default=True)
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--detach", is_flag=True, help="Return once every node is Ready")

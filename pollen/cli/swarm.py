@@ -149,13 +149,13 @@ def up(count: int, directory: Path, *, cluster: str = "pollen") -> list[SwarmNod
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs; a zombie (exited, not yet reaped by its new parent) does not."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def down(directory: Path, timeout: float = 30.0) -> list[str]:

@@ -35,6 +35,7 @@ from pollen.mesh.transport import (
     FramedStream,
     MeshTransport,
     PeerUnavailable,
+    TransportConfig,
     TransportError,
 )
 from pollen.mesh.vivaldi import Coordinate, VivaldiClient, estimate_rtt
@@ -90,10 +91,14 @@ class MeshService:
         on_member_event: Callable[[MemberEvent], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        self.settings = settings or MeshSettings()
         self.transport = MeshTransport(
             credentials,
             host=host,
             port=port,
+            # The first sync with a new node carries everything it lacks in one message, so
+            # gossip frames may be as large as the largest message gossip accepts.
+            config=TransportConfig(max_frame_size=self.settings.gossip.max_message_bytes),
             is_revoked=is_revoked,
             admitter=admitter,
             on_message=self._on_message,
@@ -101,7 +106,6 @@ class MeshService:
             on_peer=self._on_peer,
         )
         self.name = self.transport.name
-        self.settings = settings or MeshSettings()
         self._document = document
         self._labels = dict(labels or {})
         self._load = load
@@ -120,6 +124,8 @@ class MeshService:
         self._gossip_writers: dict[str, asyncio.Task[None]] = {}
         self._readers: set[asyncio.Task[None]] = set()
         self._next_topology = 0.0
+        self._next_rotate = 0.0
+        self._stopped = False
         self._next_meta = 0.0
         self._last_meta: MemberMeta | None = None
 
@@ -183,8 +189,9 @@ class MeshService:
             self._flush()
             # Give the leave a moment to go out on the datagrams already queued.
             await asyncio.sleep(0)
+        self._stopped = True
+        self._wake.set()
         if self._timer is not None:
-            self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
         for task in [*self._dialing.values(), *self._gossip_writers.values(), *self._readers]:
@@ -232,7 +239,9 @@ class MeshService:
     # driving the state machines -------------------------------------------------------------
 
     async def _run_timers(self) -> None:
-        while True:
+        # A flag, not only cancellation: on Python 3.11, wait_for() can swallow a cancel that
+        # races with the event being set, and this loop would then never end.
+        while not self._stopped:
             assert self.membership is not None and self.gossip is not None
             now = self._now()
             deadlines = [self._next_topology, self._next_meta, self.gossip.next_deadline()]
@@ -242,7 +251,10 @@ class MeshService:
             delay = max(0.0, min(deadlines) - now)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0))
+                async with asyncio.timeout(min(delay, 1.0)):
+                    await self._wake.wait()
+            if self._stopped:
+                return
             try:
                 self._tick()
             except Exception:
@@ -295,7 +307,12 @@ class MeshService:
             self._rng,
             self.settings.topology,
             previous=self._peers,
+            # Replace a random link only every rotate_interval: each new link costs a sync from
+            # a fresh state (a Bloom filter of the whole history).
+            rotate=None if now >= self._next_rotate else 0,
         )
+        if now >= self._next_rotate:
+            self._next_rotate = now + self.settings.topology.rotate_interval
         self.gossip.set_peers(sorted(self._peers.peers), now)
         for peer in self._peers.peers:
             self._ensure_connected(peer)

@@ -1,0 +1,6 @@
+"""The deterministic simulation harness: the same protocol code, virtual network and time."""
+
+from pollen.sim.network import NetworkConfig, NetworkStats
+from pollen.sim.simulation import Simulation, TrafficReport
+
+__all__ = ["NetworkConfig", "NetworkStats", "Simulation", "TrafficReport"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,9 +45,11 @@ class Swarm:
 
     def token(self, ttl: str = "10m") -> str:
         result = subprocess.run(
-            [tool("pollen"), "token", "create", "--data-dir", str(self.work / "n1"),
-             "--ttl", ttl],
-            env=self.env, capture_output=True, check=True, timeout=60,
+            [tool("pollen"), "token", "create", "--data-dir", str(self.work / "n1"), "--ttl", ttl],
+            env=self.env,
+            capture_output=True,
+            check=True,
+            timeout=60,
         )
         return result.stdout.decode().strip()
 
@@ -98,8 +101,11 @@ def test_nodes_join_with_tokens_and_share_the_document(swarm: Swarm) -> None:
     swarm.first("n1")
     swarm.join("n2")
     swarm.join("n3")
-    wait_for(_all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}), timeout=30,
-             what="every node Ready everywhere")
+    wait_for(
+        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
+        timeout=30,
+        what="every node Ready everywhere",
+    )
     swarm.client("n2").apply([_workload("from-n2", 2)])
     for observer in ("n1", "n3"):
         wait_for(
@@ -119,16 +125,25 @@ def test_a_killed_node_becomes_not_ready_everywhere_and_comes_back(swarm: Swarm)
     swarm.first("n1")
     swarm.join("n2")
     swarm.join("n3")
-    wait_for(_all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}), timeout=30,
-             what="every node Ready everywhere")
+    wait_for(
+        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
+        timeout=30,
+        what="every node Ready everywhere",
+    )
     swarm.nodes["n3"].kill()
-    wait_for(_all_see(swarm, {"n1": "True", "n2": "True", "n3": "False"}), timeout=30,
-             what="n3 NotReady on n1 and n2")
+    wait_for(
+        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "False"}),
+        timeout=30,
+        what="n3 NotReady on n1 and n2",
+    )
     # While n3 is away the others keep working, and n3 catches up when it is back.
     swarm.client("n1").apply([_workload("while-away")])
     swarm.nodes["n3"].start()
-    wait_for(_all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}), timeout=30,
-             what="n3 Ready again everywhere")
+    wait_for(
+        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
+        timeout=30,
+        what="n3 Ready again everywhere",
+    )
     wait_for(
         lambda: any(
             w["metadata"]["name"] == "while-away" for w in swarm.client("n3").list("workloads")
@@ -143,9 +158,23 @@ def test_a_token_is_spent_once(swarm: Swarm) -> None:
     token = swarm.token()
     swarm.join("n2", token)
     reuse = subprocess.run(
-        [tool("pollen"), "node", "--data-dir", str(swarm.work / "n3"), "--name", "n3",
-         *MESH, "--api", "127.0.0.1:0", "--join", token],
-        env=swarm.env, capture_output=True, timeout=60, check=False,
+        [
+            tool("pollen"),
+            "node",
+            "--data-dir",
+            str(swarm.work / "n3"),
+            "--name",
+            "n3",
+            *MESH,
+            "--api",
+            "127.0.0.1:0",
+            "--join",
+            token,
+        ],
+        env=swarm.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert reuse.returncode != 0
     assert b"error:" in reuse.stderr
@@ -157,10 +186,76 @@ def test_an_expired_or_forged_token_is_refused(swarm: Swarm) -> None:
     token = swarm.token()
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     result = subprocess.run(
-        [tool("pollen"), "node", "--data-dir", str(swarm.work / "n4"), "--name", "n4",
-         *MESH, "--api", "127.0.0.1:0", "--join", forged],
-        env=swarm.env, capture_output=True, timeout=60, check=False,
+        [
+            tool("pollen"),
+            "node",
+            "--data-dir",
+            str(swarm.work / "n4"),
+            "--name",
+            "n4",
+            *MESH,
+            "--api",
+            "127.0.0.1:0",
+            "--join",
+            forged,
+        ],
+        env=swarm.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode != 0
     assert b"token" in result.stderr
     assert not (swarm.work / "n4" / "node.json").exists()
+
+
+def test_pollen_up_detach_and_down(tmp_path: Path, pollen_env: dict[str, str]) -> None:
+    import os
+
+    import orjson
+    import yaml
+
+    directory = tmp_path / "swarm"
+    up = subprocess.run(
+        [tool("pollen"), "up", "--nodes", "3", "--dir", str(directory), "--detach"],
+        env=pollen_env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    swarm = orjson.loads((directory / "swarm.json").read_bytes()) if up.returncode == 0 else {}
+    pids = [n["pid"] for n in swarm.get("nodes", [])]
+    try:
+        assert up.returncode == 0, up.stderr.decode()
+        nodes = swarm["nodes"]
+        assert [n["name"] for n in nodes] == ["node-1", "node-2", "node-3"]
+        for node in nodes:
+            assert set(node) == {"name", "context", "listen", "api", "gateway", "dataDir", "pid"}
+            assert node["api"].startswith("http://127.0.0.1:")
+        config = yaml.safe_load(Path(pollen_env["POLLEN_CONFIG"]).read_text())
+        assert config["current-context"] == "node-1"
+        assert {c["name"] for c in config["contexts"]} == {"node-1", "node-2", "node-3"}
+        listed = subprocess.run(
+            [tool("pctl"), "--context", "node-3", "get", "nodes", "-o", "json"],
+            env=pollen_env,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        items = orjson.loads(listed.stdout)["items"]
+        assert len(items) == 3
+    finally:
+        down = subprocess.run(
+            [tool("pollen"), "down", "--dir", str(directory)],
+            env=pollen_env,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    assert down.returncode == 0, down.stderr.decode()
+    config = yaml.safe_load(Path(pollen_env["POLLEN_CONFIG"]).read_text())
+    assert config["contexts"] == []
+    assert not (directory / "swarm.json").exists()

@@ -276,7 +276,11 @@ def test_node_table_wide() -> None:
     header, row = lines(object_table([node()], "Node", NOW, wide=True))
     assert header[4:] == ["RTT", "CPU", "MEMORY", "LABELS", "API"]
     assert row[4:] == [
-        "<none>", "4", "16384MB", "pollen.dev/hostname=node-1", "http://127.0.0.1:7070"
+        "<none>",
+        "4",
+        "16384MB",
+        "pollen.dev/hostname=node-1",
+        "http://127.0.0.1:7070",
     ]
 
 

@@ -1,0 +1,5 @@
+;; trap: a rogue module that reaches `unreachable` at once.
+(module
+  (memory (export "memory") 1)
+  (func (export "_start")
+    unreachable))

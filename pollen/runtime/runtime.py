@@ -1,0 +1,153 @@
+"""``Runtime``: what one node (or ``pollen run``) needs to run workloads, wired together.
+
+One engine (with its epoch ticker), one module cache, one call router, and factories for the
+executors that share them. ``close()`` stops everything in an order that lets every instance
+end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pollen.resources.models import WorkloadSpec
+from pollen.runtime import abi
+from pollen.runtime.cache import ModuleCache
+from pollen.runtime.engine import Engine, EngineConfig
+from pollen.runtime.executors import Backoff, CommandExecutor, HttpExecutor, RestartPolicy
+from pollen.runtime.logs import LogBuffer
+from pollen.runtime.pool import WorkerPool
+from pollen.runtime.sandbox import Limits, OutputSink, Sandbox
+from pollen.runtime.telemetry import UsageCounters
+
+
+class Runtime:
+    """The node's WebAssembly runtime.
+
+    ``cache_dir`` None keeps compiled modules in memory only. ``router`` is where
+    ``pollen.call`` goes; by default ``self.local``, which reaches the http executors made
+    here. ``workers`` and ``queue_size`` size each http executor's pool.
+    """
+
+    def __init__(
+        self,
+        *,
+        cache_dir: Path | None = None,
+        engine_config: EngineConfig | None = None,
+        workers: int | None = None,
+        queue_size: int = 64,
+        router: abi.CallRouter | None = None,
+    ) -> None:
+        self.engine = Engine(engine_config)
+        self.cache = ModuleCache(self.engine, cache_dir)
+        self.local = abi.LocalCallRouter()
+        self.router: abi.CallRouter = router or self.local
+        self.workers = workers
+        self.queue_size = queue_size
+        self._http: list[HttpExecutor] = []
+        self._commands: list[CommandExecutor] = []
+        self._closed = False
+
+    def load(self, wasm: bytes, *, name: str, digest: str | None = None) -> Sandbox:
+        """Compile (or fetch from the cache) and link ``wasm`` for workload ``name``.
+
+        Raises ``InvalidModule``, ``MissingExport``, ``MissingImport`` or ``LinkError``.
+        """
+        cached = self.cache.get(wasm, name=name, digest=digest)
+        return Sandbox(self.engine, cached.module, name=name)
+
+    def load_file(self, path: Path, *, name: str | None = None) -> Sandbox:
+        """``load`` of a file; the workload is named after the file unless ``name`` is given."""
+        return self.load(path.read_bytes(), name=name or path.stem)
+
+    def http_executor(
+        self,
+        name: str,
+        sandbox: Sandbox,
+        spec: WorkloadSpec | None = None,
+        *,
+        limits: Limits | None = None,
+        usage: UsageCounters | None = None,
+        logs: LogBuffer | None = None,
+        register: bool = True,
+    ) -> HttpExecutor:
+        """An http executor for ``sandbox``, configured from ``spec`` (env, args, resources),
+        reachable by ``pollen.call`` under ``name`` unless ``register`` is False."""
+        executor = HttpExecutor(
+            name,
+            sandbox,
+            env=spec.env if spec else None,
+            args=spec.args if spec else (),
+            limits=limits or (Limits.from_resources(spec.resources) if spec else None),
+            pool=WorkerPool(self.workers, self.queue_size, name=f"http-{name}"),
+            router=self.router,
+            usage=usage,
+            logs=logs,
+        )
+        self._http.append(executor)
+        if register:
+            self.local.register(name, executor)
+        return executor
+
+    def command_executor(
+        self,
+        name: str,
+        sandbox: Sandbox,
+        spec: WorkloadSpec | None = None,
+        *,
+        limits: Limits | None = None,
+        restart: RestartPolicy = RestartPolicy.ON_FAILURE,
+        backoff: Backoff | None = None,
+        max_restarts: int | None = None,
+        usage: UsageCounters | None = None,
+        logs: LogBuffer | None = None,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+        args: list[str] | None = None,
+    ) -> CommandExecutor:
+        """A command executor for ``sandbox``, configured from ``spec``; ``args`` overrides
+        the spec's."""
+        executor = CommandExecutor(
+            name,
+            sandbox,
+            args=args if args is not None else (spec.args if spec else ()),
+            env=spec.env if spec else None,
+            limits=limits or (Limits.from_resources(spec.resources) if spec else None),
+            restart=restart,
+            backoff=backoff,
+            max_restarts=max_restarts,
+            router=self.router,
+            usage=usage,
+            logs=logs,
+            stdout=stdout,
+            stderr=stderr,
+        )
+        self._commands.append(executor)
+        return executor
+
+    def forget(self, executor: HttpExecutor | CommandExecutor) -> None:
+        """Stop tracking a closed executor (and stop routing calls to it)."""
+        if isinstance(executor, HttpExecutor):
+            self.local.unregister(executor.name, executor)
+            if executor in self._http:
+                self._http.remove(executor)
+        elif executor in self._commands:
+            self._commands.remove(executor)
+
+    def close(self) -> None:
+        """Stop every executor, then the engine: the epoch ticker must outlive the instances,
+        since it is what ends a spinning one."""
+        if self._closed:
+            return
+        self._closed = True
+        for executor in self._http:
+            self.local.unregister(executor.name, executor)
+            executor.close()
+        for command in self._commands:
+            command.close()
+        self.engine.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
