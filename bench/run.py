@@ -5,14 +5,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench import foundation, mesh_sim, runtime
+from bench import foundation, mesh_real, mesh_sim, runtime, vivaldi_netns
 from bench.report import render
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def main() -> int:
-    sections = [foundation.run(), mesh_sim.run(), runtime.run()]
+    sections = [
+        foundation.run(),
+        mesh_sim.run(),
+        mesh_real.run(),
+        vivaldi_netns.run(),
+        runtime.run(),
+    ]
     OUTPUT.write_text(render(sections))
     print(OUTPUT.read_text())
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 import psutil
 from aiohttp import web
+from cryptography import x509
 
 import pollen
 from pollen.api.server import create_app
@@ -61,6 +62,10 @@ def _utcnow() -> datetime:
 
 
 JOIN_TOKEN_ANNOTATION = "pollen.dev/join-token"
+CERT_SERIAL_ANNOTATION = "pollen.dev/certificate-serial"
+#: Every Node carries this finalizer, so deleting a Node marks it (deletionTimestamp) instead of
+#: removing it: the mark is the revocation, and it must outlive the object's other uses.
+REVOCATION_FINALIZER = "pollen.dev/revocation"
 PEERS_FILE = "peers.json"
 
 
@@ -98,6 +103,7 @@ class PollenNode:
             self.store,
             host=self.config.listen_host,
             port=self.config.listen_port,
+            is_revoked=self._is_revoked,
             admitter=admitter,
             labels=self.config.labels,
             load=lambda: psutil.cpu_percent(interval=None) / 100.0,
@@ -159,6 +165,13 @@ class PollenNode:
     def _on_change(self, change: ChangeEvent) -> None:
         if self.mesh is not None:
             self.mesh.document_changed()
+            if (
+                change.kind == "Node"
+                and change.name != self.name
+                and change.object.metadata.deletion_timestamp is not None
+            ):
+                # A deleted Node is revoked: cut it off now, not at the next periodic check.
+                asyncio.get_running_loop().call_soon(self._revoke, change.name)
         if (
             change.kind == "Node"
             and change.name == self.name
@@ -173,6 +186,30 @@ class PollenNode:
         if self.store is not None and self.mesh is not None and not self._stopping:
             self._register(ready=True)
 
+    # revocation: deleting a Node marks it, and a marked Node's certificate is refused
+
+    def _is_revoked(self, name: str, serial: int) -> bool:
+        node = self._store().get("Node", name) if self.store is not None else None
+        if node is None or node.metadata.deletion_timestamp is None:
+            return False
+        recorded = node.metadata.annotations.get(CERT_SERIAL_ANNOTATION)
+        return recorded is None or recorded == str(serial)
+
+    def _revoke(self, name: str) -> None:
+        if self.mesh is not None and not self._stopping:
+            self.mesh.evict(name)
+            self.mesh.transport.recheck_revocations()
+            # Revocations are rare: every node that learns of one writes NotReady (the same
+            # value, so the writes converge) rather than relying on one membership view.
+            self._set_ready(name, False, "NodeRevoked", "the Node was deleted; it is revoked")
+            self.events.record(
+                "Node",
+                name,
+                "Revoked",
+                f'node "{name}" was deleted: its certificate is refused',
+                EventType.WARNING,
+            )
+
     # admission: the document records which tokens were spent, on the Node they admitted
 
     def _token_used(self, token_id: str) -> bool:
@@ -181,9 +218,18 @@ class PollenNode:
             for node in self._store().list("Node")
         )
 
-    def _admitted(self, claims: tokens.TokenClaims, name: str, _certificate: object) -> None:
+    def _admitted(
+        self, claims: tokens.TokenClaims, name: str, certificate: x509.Certificate
+    ) -> None:
         node = Node(
-            metadata=ObjectMeta(name=name, annotations={JOIN_TOKEN_ANNOTATION: claims.token_id}),
+            metadata=ObjectMeta(
+                name=name,
+                annotations={
+                    JOIN_TOKEN_ANNOTATION: claims.token_id,
+                    CERT_SERIAL_ANNOTATION: str(certificate.serial_number),
+                },
+                finalizers=[REVOCATION_FINALIZER],
+            ),
         )
         self._store().apply([node])
         self.events.record("Node", name, "Admitted", f'node "{name}" joined with a token')
@@ -199,6 +245,9 @@ class PollenNode:
             if event.kind == EventKind.LEFT:
                 reason, message = "NodeLeft", "it left the mesh gracefully"
         elif event.kind in (EventKind.JOINED, EventKind.ALIVE):
+            known = self._store().get("Node", member.name)
+            if known is not None and known.metadata.deletion_timestamp is not None:
+                return  # revoked: whatever membership heard, it stays NotReady
             ready, reason, message = True, "NodeReady", "alive in membership"
         else:
             return
@@ -272,12 +321,20 @@ class PollenNode:
         cpus = psutil.cpu_count() or 1
         labels = {"pollen.dev/hostname": self.name, **self.config.labels}
         existing = store.get("Node", self.name)
+        if existing is not None and existing.metadata.deletion_timestamp is not None:
+            log.warning("this node's Node was deleted: it is revoked and no longer registers")
+            return
         annotations = dict(existing.metadata.annotations) if existing is not None else {}
         addresses = [self.api_url]
         if self.mesh is not None:
             addresses.append(f"quic://{self.mesh.address}")
         desired = Node(
-            metadata=ObjectMeta(name=self.name, labels=labels, annotations=annotations),
+            metadata=ObjectMeta(
+                name=self.name,
+                labels=labels,
+                annotations=annotations,
+                finalizers=[REVOCATION_FINALIZER],
+            ),
             spec=NodeSpec(
                 addresses=addresses,
                 capacity=Capacity(memory_mb=memory, cpu_millis=cpus * 1000),

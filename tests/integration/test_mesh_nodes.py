@@ -259,3 +259,39 @@ def test_pollen_up_detach_and_down(tmp_path: Path, pollen_env: dict[str, str]) -
     config = yaml.safe_load(Path(pollen_env["POLLEN_CONFIG"]).read_text())
     assert config["contexts"] == []
     assert not (directory / "swarm.json").exists()
+
+
+def test_deleting_a_node_revokes_it(swarm: Swarm) -> None:
+    swarm.first("n1")
+    swarm.join("n2")
+    swarm.join("n3")
+    wait_for(
+        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
+        timeout=30,
+        what="every node Ready everywhere",
+    )
+    deleted = swarm.client("n1").delete("nodes", "n3")
+    assert deleted["metadata"].get("deletionTimestamp"), deleted["metadata"]  # marked: revoked
+    wait_for(
+        lambda: all(swarm.ready_view(o).get("n3") == "False" for o in ("n1", "n2")),
+        timeout=30,
+        what="n3 NotReady on n1 and n2 once revoked",
+    )
+    # n3 comes back with its old certificate: refused in the handshake, so it never hears of
+    # anything written afterwards.
+    swarm.nodes["n3"].kill()
+    swarm.nodes["n3"].start()
+    swarm.client("n1").apply([_workload("after-revocation")])
+    wait_for(
+        lambda: any(
+            w["metadata"]["name"] == "after-revocation"
+            for w in swarm.client("n2").list("workloads")
+        ),
+        timeout=15,
+        what="the write to reach n2",
+    )
+    names = {w["metadata"]["name"] for w in swarm.client("n3").list("workloads")}
+    assert "after-revocation" not in names
+    assert b"refused" in swarm.nodes["n1"].log_path.read_bytes() or b"revoked" in (
+        swarm.nodes["n1"].log_path.read_bytes()
+    )
