@@ -7,6 +7,7 @@ needs and owns their start and stop order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -305,9 +306,8 @@ class PollenNode:
             if name == self.name:
                 continue
             for text in self.mesh.members()[name].meta.addresses[:1]:
-                host, _, port = text.rpartition(":")
-                if port.isdigit():
-                    addresses.append([host.strip("[]"), int(port)])
+                with contextlib.suppress(ValueError):  # a peer's meta is hostile input
+                    addresses.append(list(tokens.parse_address(text)))
         if addresses:
             path = self.config.data_dir / PEERS_FILE
             tmp = path.with_name(path.name + ".tmp")

@@ -165,22 +165,13 @@ def _token_addresses(token: str) -> tuple[tuple[str, int], ...]:
 
 def _enrol(data_dir: Path, token: str, node_name: str) -> None:
     """Spend ``token`` for a certificate and write a new data directory with it."""
-    from pollen.mesh.identity import init_joined_data_dir
     from pollen.mesh.tokens import EnrolmentError
-    from pollen.mesh.transport import TransportError, enrol
+    from pollen.mesh.transport import TransportError, join_data_dir
 
     try:
-        enrolment = asyncio.run(enrol(token, node_name))
+        asyncio.run(join_data_dir(data_dir, token, node_name))
     except (EnrolmentError, TransportError) as exc:
         _fail(f"could not join the cluster: {exc}")
-        return
-    try:
-        init_joined_data_dir(
-            data_dir,
-            node_key=enrolment.node_key,
-            certificate=enrolment.certificate,
-            ca_certificate=enrolment.ca_certificate,
-        )
     except IdentityError as exc:
         _fail(str(exc))
 

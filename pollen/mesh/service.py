@@ -62,17 +62,6 @@ class MeshSettings:
     topology: topology.TopologyConfig = field(default_factory=topology.TopologyConfig)
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _parse_address(text: str) -> tuple[str, int] | None:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    return host.strip("[]"), int(port)
-
-
 class MeshService:
     """Membership, Vivaldi and document gossip of one node over its QUIC transport."""
 
@@ -138,7 +127,7 @@ class MeshService:
     @property
     def address(self) -> str:
         host, port = self.transport.bound_address
-        return _format_address(host, port)
+        return tokens.format_address(host, port)
 
     def _meta(self) -> MemberMeta:
         return MemberMeta(
@@ -173,7 +162,7 @@ class MeshService:
             try:
                 peer = await self.transport.connect((host, port))
             except TransportError as exc:
-                log.warning("cannot reach %s: %s", _format_address(host, port), exc)
+                log.warning("cannot reach %s: %s", tokens.format_address(host, port), exc)
                 continue
             if peer.name != self.name:
                 names.append(peer.name)
@@ -357,7 +346,10 @@ class MeshService:
         member = self.members().get(peer)
         if member is None:
             return
-        addresses = [a for a in map(_parse_address, member.meta.addresses) if a is not None]
+        addresses = []
+        for text in member.meta.addresses:
+            with contextlib.suppress(ValueError):  # a peer's meta is hostile input
+                addresses.append(tokens.parse_address(text))
         if not addresses:
             return
         task = self._loop.create_task(self._dial(peer, addresses))

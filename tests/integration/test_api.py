@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +38,7 @@ def workload(name: str, replicas: int = 1, **spec: Any) -> dict[str, Any]:
 def api_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     """One node shared by this module's tests (hypothesis runs many requests against it)."""
     work = tmp_path_factory.mktemp("api")
-    env = {"POLLEN_CONFIG": str(work / "config.yaml")}
-    import os
-
-    env = dict(os.environ, **env)
+    env = dict(os.environ, POLLEN_CONFIG=str(work / "config.yaml"))
     init_node(work / "n1", "n1", env=env)
     node = LocalNode(data_dir=work / "n1", log_path=work / "n1.log", env=env)
     node.start()
