@@ -24,7 +24,7 @@ import pollen
 from pollen.api.server import create_app
 from pollen.mesh import tokens
 from pollen.mesh.identity import NodeIdentity, load_credentials, load_identity
-from pollen.mesh.membership import EventKind, MemberEvent
+from pollen.mesh.membership import EventKind, MemberEvent, MemberState
 from pollen.mesh.service import MeshService
 from pollen.resources import (
     Capacity,
@@ -238,28 +238,40 @@ class PollenNode:
     # membership drives the Ready condition of Nodes
 
     def _member_event(self, event: MemberEvent) -> None:
-        member = event.member
-        if member.name == self.name:
+        if event.member.name == self.name:
             return
-        if event.kind in (EventKind.DEAD, EventKind.LEFT):
-            ready, reason, message = False, "NodeUnreachable", "membership declared it dead"
-            if event.kind == EventKind.LEFT:
-                reason, message = "NodeLeft", "it left the mesh gracefully"
-        elif event.kind in (EventKind.JOINED, EventKind.ALIVE):
-            known = self._store().get("Node", member.name)
-            if known is not None and known.metadata.deletion_timestamp is not None:
-                return  # revoked: whatever membership heard, it stays NotReady
-            ready, reason, message = True, "NodeReady", "alive in membership"
-        else:
-            return
-        self._remember_peers()
-        # One member writes each transition (the first alive member by name, the subject
-        # aside), so that a death does not become N identical writes in the document.
+        if event.kind in (EventKind.DEAD, EventKind.LEFT, EventKind.JOINED, EventKind.ALIVE):
+            self._remember_peers()
+            self._reconcile_ready()
+
+    def _reconcile_ready(self) -> None:
+        """Make every Node's Ready follow this node's membership view, where this node writes.
+
+        Level-triggered: each membership change re-checks every member, so that a transition
+        whose designated writer was itself dying at the time (both halves of a partition see
+        the other half die one by one) is still written once a writer remains.
+        """
         assert self.mesh is not None
-        writers = [n for n in self.mesh.alive() if n != member.name]
-        if not writers or writers[0] != self.name:
-            return
-        self._set_ready(member.name, ready, reason, message)
+        alive = self.mesh.alive()
+        for name, member in self.mesh.members().items():
+            if name == self.name:
+                continue
+            if member.state == MemberState.ALIVE:
+                known = self._store().get("Node", name)
+                if known is not None and known.metadata.deletion_timestamp is not None:
+                    continue  # revoked: whatever membership heard, it stays NotReady
+                ready, reason, message = True, "NodeReady", "alive in membership"
+            elif member.state == MemberState.LEFT:
+                ready, reason, message = False, "NodeLeft", "it left the mesh gracefully"
+            elif member.state == MemberState.DEAD:
+                ready, reason, message = False, "NodeUnreachable", "membership declared it dead"
+            else:
+                continue  # suspect: not decided yet
+            # One member writes each transition (the first alive member by name, the subject
+            # aside), so that a death does not become N identical writes in the document.
+            writers = [n for n in alive if n != name]
+            if writers and writers[0] == self.name:
+                self._set_ready(name, ready, reason, message)
 
     def _set_ready(self, name: str, ready: bool, reason: str, message: str) -> None:
         store = self._store()
