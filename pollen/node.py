@@ -26,6 +26,7 @@ from pollen.mesh import tokens
 from pollen.mesh.identity import NodeIdentity, load_credentials, load_identity
 from pollen.mesh.membership import EventKind, MemberEvent, MemberState
 from pollen.mesh.service import MeshService
+from pollen.reconcilers.manager import ReconcilerManager
 from pollen.resources import (
     Capacity,
     ConditionStatus,
@@ -56,6 +57,9 @@ class NodeConfig:
     labels: Mapping[str, str] = field(default_factory=dict)
     #: Addresses to join at start, besides the peers this node remembers.
     seeds: tuple[tuple[str, int], ...] = ()
+    #: Reconciler plugins to enable: entry-point names in ``pollen.reconcilers``, or
+    #: ``module:attribute`` paths.
+    plugins: tuple[str, ...] = ()
 
 
 def _utcnow() -> datetime:
@@ -81,6 +85,7 @@ class PollenNode:
         self.store: ResourceStore | None = None
         self.mesh: MeshService | None = None
         self.events = EventLog(self.name, clock)
+        self.reconcilers: ReconcilerManager | None = None
         self._runner: web.AppRunner | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._stopping = False
@@ -127,6 +132,12 @@ class PollenNode:
         host, port = self._runner.addresses[0][:2]
         self.api_url = f"http://{host}:{port}"
         self._register(ready=True)
+        # After registering: a plugin that fails to load is shown on this node's Node.
+        self.reconcilers = ReconcilerManager(
+            self.store, self.events, node_name=self.name, clock=self._clock
+        )
+        self.reconcilers.enable_plugins(self.config.plugins)
+        await self.reconcilers.start()
         seeds = list(self.config.seeds) + self._remembered_peers()
         if seeds:
             joined = await self.mesh.join(seeds)
@@ -141,6 +152,9 @@ class PollenNode:
     async def stop(self) -> None:
         """Mark this Node not Ready, leave the mesh, stop serving, and close the document."""
         self._stopping = True
+        if self.reconcilers is not None:
+            await self.reconcilers.stop()
+            self.reconcilers = None
         if self.store is not None:
             try:
                 self._register(ready=False)

@@ -16,6 +16,10 @@ from pollen.mesh.identity import IdentityError, default_node_name, init_data_dir
 
 DEFAULT_API = "127.0.0.1:7070"
 DEFAULT_LISTEN = "127.0.0.1:7946"
+PLUGIN_HELP = (
+    "Enable a reconciler plugin: an entry-point name in the group pollen.reconcilers, "
+    "or module:attribute (repeatable)"
+)
 
 
 def _fail(message: str) -> None:
@@ -101,6 +105,7 @@ def init(data_dir: Path, cluster_name: str, node_name: str | None, api: str) -> 
 @click.option("--join", "join_token", default=None, help="Join token from 'pollen token create'")
 @click.option("--name", default=None, help="Node name [default: the one chosen at init]")
 @click.option("--label", "labels", multiple=True, help="Node label k=v (repeatable)")
+@click.option("--plugin", "plugins", multiple=True, help=PLUGIN_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages")
 def node(
     data_dir: Path,
@@ -109,12 +114,14 @@ def node(
     join_token: str | None,
     name: str | None,
     labels: tuple[str, ...],
+    plugins: tuple[str, ...],
     verbose: bool,
 ) -> None:
     """Run a node until SIGTERM or Ctrl-C.
 
     With --join on an empty data directory, the node first enrols with the token: it gets a
-    certificate from a node of the cluster, then joins the mesh.
+    certificate from a node of the cluster, then joins the mesh. A plugin that cannot be
+    loaded is left out: the node starts without it and says why (docs/plugins.md).
     """
     from pollen.mesh.identity import NODE_FILE
     from pollen.node import NodeConfig, PollenNode
@@ -139,6 +146,7 @@ def node(
         name=name,
         labels=parse_labels(labels),
         seeds=seeds,
+        plugins=plugins,
     )
     try:
         pollen_node = PollenNode(config)
@@ -356,13 +364,14 @@ def run(
 @click.option("--nodes", "count", type=click.IntRange(1, 64), default=3, show_default=True)
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--detach", is_flag=True, help="Return once every node is Ready")
-def up(count: int, directory: Path, detach: bool) -> None:
+@click.option("--plugin", "plugins", multiple=True, help=PLUGIN_HELP + " on every node")
+def up(count: int, directory: Path, detach: bool, plugins: tuple[str, ...]) -> None:
     """Start a local swarm of COUNT nodes on 127.0.0.1, with a pctl context each."""
     from pollen.cli.swarm import SwarmError, down
     from pollen.cli.swarm import up as start_swarm
 
     try:
-        nodes = start_swarm(count, directory)
+        nodes = start_swarm(count, directory, plugins=plugins)
     except SwarmError as exc:
         _fail(str(exc))
         return

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,13 @@ def _all_ready(node: LocalNode, names: list[str]) -> bool:
     return all(name in ready for name in names)
 
 
-def up(count: int, directory: Path, *, cluster: str = "pollen") -> list[SwarmNode]:
-    """Start ``count`` nodes in ``directory`` and wait until all are Ready; see the module doc."""
+def up(
+    count: int, directory: Path, *, cluster: str = "pollen", plugins: Sequence[str] = ()
+) -> list[SwarmNode]:
+    """Start ``count`` nodes in ``directory`` and wait until all are Ready; see the module doc.
+
+    Every node is started with ``--plugin`` for each of ``plugins``.
+    """
     if count < 1:
         raise SwarmError("--nodes must be at least 1")
     if (directory / SWARM_FILE).exists():
@@ -99,6 +105,8 @@ def up(count: int, directory: Path, *, cluster: str = "pollen") -> list[SwarmNod
         init_node(first_dir, names[0], env=env, cluster=cluster)
         for index, name in enumerate(names):
             args = ["--listen", "127.0.0.1:0", "--name", name]
+            for plugin in plugins:
+                args += ["--plugin", plugin]
             if index > 0:
                 args += ["--join", _token(first_dir, env)]
             node = LocalNode(
