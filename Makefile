@@ -14,7 +14,10 @@ $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet uv
 
-.venv/.synced: pyproject.toml uv.lock | $(UV)
+# The plugin packages are installed editable: their entry points live in their pyproject.toml.
+PLUGIN_PROJECTS := $(wildcard examples/plugins/*/pyproject.toml tests/plugins/*/pyproject.toml)
+
+.venv/.synced: pyproject.toml uv.lock $(PLUGIN_PROJECTS) | $(UV)
 	$(UV) sync --frozen --no-progress
 	.venv/bin/python -m compileall -q pollen
 	touch $@
@@ -29,16 +32,18 @@ demo: env
 	$(RUN) pollen demo
 
 test: env
-	$(RUN) ruff check pollen tests bench
+	$(RUN) ruff check pollen tests bench examples/plugins
 	$(RUN) mypy
+	$(RUN) mypy --strict examples/plugins/pollen-signer-label/src
 	$(RUN) pytest -q -p no:cacheprovider
 
 lint: env
-	$(RUN) ruff check pollen tests bench
-	$(RUN) ruff format --check pollen tests bench
+	$(RUN) ruff check pollen tests bench examples/plugins
+	$(RUN) ruff format --check pollen tests bench examples/plugins
 
 typecheck: env
 	$(RUN) mypy
+	$(RUN) mypy --strict examples/plugins/pollen-signer-label/src
 
 bench: env examples
 	@command -v wrk >/dev/null || (apt-get install -y wrk >/dev/null 2>&1 || echo "wrk not installed: its rows are skipped")
