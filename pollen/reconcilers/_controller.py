@@ -267,7 +267,7 @@ class Controller:
             then = f"retrying in {delay:.3g}s"
         else:
             then = "not retrying until it changes"
-        message = f"{failure.message} (on node {self._node})"
+        message = f"{_shorten(failure.message)} (on node {self._node})"
         log.warning(
             "reconciler %s failed on %s/%s: %s; %s",
             self.name,
@@ -317,6 +317,11 @@ class Controller:
             )
         finally:
             self._writing_condition_of = None
+
+
+def _shorten(text: str, limit: int = 1024) -> str:
+    """At most ``limit`` characters: an exception's text can be long, a condition's should not."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 async def _guarded(reconciler: Reconciler, request: Request, context: Context) -> Result:

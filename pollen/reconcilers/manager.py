@@ -167,7 +167,7 @@ class ReconcilerManager:
             return
         if self._failed_plugins:
             status, reason = ConditionStatus.FALSE, "PluginFailed"
-            message = "; ".join(str(f) for f in self._failed_plugins)
+            message = "; ".join(str(f) for f in self._failed_plugins)[:8192]
         else:
             status, reason = ConditionStatus.TRUE, "PluginsLoaded"
             message = "running plugins: " + ", ".join(self._enabled_plugins)

@@ -151,6 +151,9 @@ def test_broken_plugins_are_left_out_and_the_node_says_why(
     assert "which is not a reconciler: it has no kind, reconcile" in log
     assert 'no plugin "no-such-plugin" is installed' in log
     assert log.count("the node runs without it") == 4
+    described = node.pctl("describe", "node", "node-1")
+    assert described.returncode == 0, described.stderr
+    assert b"PluginsLoaded" in described.stdout and b"PluginFailed" in described.stdout
     # The plugins that did load run: one hangs on every object, the other is not held up.
     client.apply([artifact("hello", DIGEST_SIGNED, "ops"), workload("web", "hello")])
     wait_for(
