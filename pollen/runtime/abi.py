@@ -14,8 +14,9 @@ called into wasm. A nested ``call`` runs the callee on the same thread, which pu
 context on top: no thread is ever blocked waiting for a pool that the caller itself fills.
 
 The same mechanism carries the instance's stdio. Pollen defines ``fd_write`` and ``fd_read``
-of ``wasi_snapshot_preview1`` itself, over WASI's own: stdout and stderr go to the context's
-sinks and stdin comes from the request body, all on the calling thread. WASI's versions run
+of ``wasi_snapshot_preview1`` itself, over WASI's own (in ``capi``, as raw C callbacks):
+stdout and stderr go to the context's sinks and stdin comes from the request body, all on
+the calling thread. WASI's versions run
 every write through wasmtime's tokio threads, and ``WasiConfig.stdout_custom`` then calls
 Python from those threads: a GIL hand-off per write (throughput collapsed with three threads)
 and, when wasmtime releases the callback after the interpreter began to exit, a Rust panic.
@@ -29,15 +30,13 @@ finishing a call at the same moment could pick up; so every failure is a return 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import re
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import wasmtime
 
@@ -73,8 +72,6 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_LOG_BYTES = 4096
 
 _U32 = 0xFFFFFFFF
-_IOVEC = struct.Struct("<II")
-_U32_LE = struct.Struct("<I")
 _I32_MAX = 0x7FFFFFFF
 _WORKLOAD_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -159,9 +156,9 @@ class HostContext:
     #: What fd 0 reads, and how far it has been read.
     stdin: bytes = b""
     stdin_offset: int = 0
-    #: The instance's exported memory, once known: ``Caller.get`` costs an export lookup
-    #: and a few imports on every host call.
-    memory: wasmtime.Memory | None = None
+    #: The instance's exported memory as the C API's ``wasmtime_memory_t`` (see
+    #: ``capi``), once known: looking it up through the caller costs a call per host call.
+    memory: Any = None
 
 
 _local = threading.local()
@@ -186,9 +183,7 @@ def active(context: HostContext) -> Iterator[HostContext]:
         stack.pop()
 
 
-def _memory(caller: wasmtime.Caller, context: HostContext | None = None) -> wasmtime.Memory | None:
-    if context is not None and context.memory is not None:
-        return context.memory
+def _memory(caller: wasmtime.Caller) -> wasmtime.Memory | None:
     item = caller.get("memory")
     return item if isinstance(item, wasmtime.Memory) else None
 
@@ -331,117 +326,6 @@ def _call(
 def _host_call_status(caller: wasmtime.Caller) -> int:
     context = current()
     return context.last_status if context is not None else 0
-
-
-class _View:
-    """Raw access to an instance's memory for the length of one host call.
-
-    ``Memory.read``/``write`` build ctypes arrays and slices on every access; a host call
-    that handles every write of a module pays for that on each. Linear memory cannot move
-    or grow while its instance is inside a host call, so the base address and size read at
-    the start stay valid until the call returns.
-    """
-
-    __slots__ = ("base", "size")
-
-    def __init__(self, caller: wasmtime.Caller, memory: wasmtime.Memory) -> None:
-        self.size = memory.data_len(caller)
-        self.base = ctypes.addressof(memory.data_ptr(caller).contents) if self.size else 0
-
-    def ok(self, ptr: int, length: int) -> bool:
-        return ptr + length <= self.size
-
-    def read(self, ptr: int, length: int) -> bytes:
-        return ctypes.string_at(self.base + ptr, length)
-
-    def write(self, ptr: int, data: bytes) -> None:
-        ctypes.memmove(self.base + ptr, data, len(data))
-
-
-def _iovecs(view: _View, iovs: int, count: int) -> list[tuple[int, int]] | None:
-    """The (pointer, length) pairs of a WASI iovec array, or None if any is out of bounds."""
-    iovs &= _U32
-    count &= _U32
-    if not view.ok(iovs, 8 * count):
-        return None
-    raw = view.read(iovs, 8 * count)
-    vectors = [_IOVEC.unpack_from(raw, 8 * k) for k in range(count)]
-    if any(not view.ok(ptr, length) for ptr, length in vectors):
-        return None
-    return vectors
-
-
-def _fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten: int) -> int:
-    try:
-        context = current()
-        if context is None or fd not in (1, 2):
-            return WASI_EBADF
-        sink = context.stdout if fd == 1 else context.stderr
-        memory = _memory(caller, context)
-        if memory is None:
-            return WASI_EFAULT
-        view = _View(caller, memory)
-        vectors = _iovecs(view, iovs, count)
-        nwritten &= _U32
-        if vectors is None or not view.ok(nwritten, 4):
-            return WASI_EFAULT
-        total = 0
-        for ptr, length in vectors:
-            if not length:
-                continue
-            taken = length if sink is None else sink(view.read(ptr, length))
-            total += taken
-            if taken < length:
-                break
-        if total == 0 and any(length for _, length in vectors):
-            return WASI_EFBIG  # the sink is full: fail the write, do not block or grow
-        view.write(nwritten, _U32_LE.pack(total))
-        return WASI_ESUCCESS
-    except Exception:  # a host function must never raise: see the module docstring
-        log.exception("fd_write failed")
-        return WASI_EIO
-
-
-def _fd_read(caller: wasmtime.Caller, fd: int, iovs: int, count: int, nread: int) -> int:
-    try:
-        context = current()
-        if context is None or fd != 0:
-            return WASI_EBADF
-        memory = _memory(caller, context)
-        if memory is None:
-            return WASI_EFAULT
-        view = _View(caller, memory)
-        vectors = _iovecs(view, iovs, count)
-        nread &= _U32
-        if vectors is None or not view.ok(nread, 4):
-            return WASI_EFAULT
-        total = 0
-        data = context.stdin
-        for ptr, length in vectors:
-            chunk = data[context.stdin_offset : context.stdin_offset + length]
-            if not chunk:
-                break
-            view.write(ptr, chunk)
-            context.stdin_offset += len(chunk)
-            total += len(chunk)
-        view.write(nread, _U32_LE.pack(total))
-        return WASI_ESUCCESS
-    except Exception:  # a host function must never raise: see the module docstring
-        log.exception("fd_read failed")
-        return WASI_EIO
-
-
-def define_stdio(linker: wasmtime.Linker) -> None:
-    """Put Pollen's ``fd_write``/``fd_read`` over WASI's on ``linker`` (after
-    ``define_wasi``): see the module docstring."""
-    i32 = wasmtime.ValType.i32()
-    rw = wasmtime.FuncType([i32] * 4, [i32])
-    linker.allow_shadowing = True
-    try:
-        linker.define_func(WASI_MODULE, "fd_write", rw, _fd_write, access_caller=True)
-        linker.define_func(WASI_MODULE, "fd_read", rw, _fd_read, access_caller=True)
-    finally:
-        linker.allow_shadowing = False
 
 
 def define_host_functions(linker: wasmtime.Linker) -> None:

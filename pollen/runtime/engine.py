@@ -23,12 +23,12 @@ import math
 import platform
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import wasmtime
 
-from pollen.runtime import abi
+from pollen.runtime import abi, capi
 from pollen.runtime.errors import InvalidModule
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,15 @@ WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 # bytes that do not start with NUL as WAT *text*, which must never happen to hostile input.
 WASM_MAGIC = b"\x00asm\x01\x00\x00\x00"
 MAX_MODULE_BYTES = 256 * 1024 * 1024
+#: A pooled memory slot holds the largest memory a 32-bit module can have, so the pool
+#: never caps a Workload below its ``memoryMB`` (the store's limit does that).
+POOLED_MEMORY_BYTES = 4 * 1024 * 1024 * 1024
+#: Memory of a freed slot kept mapped and zeroed rather than returned to the kernel: the
+#: next instance's first pages then cost no page faults. Bounded by the warm slots below.
+POOL_KEEP_RESIDENT_BYTES = 1024 * 1024
+#: Freed slots kept warm (with their module's image) for reuse; at most this many times
+#: ``POOL_KEEP_RESIDENT_BYTES`` stays resident while idle.
+POOL_WARM_SLOTS = 16
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,10 @@ class EngineConfig:
     max_wasm_stack: int = 1 << 20
     #: Cranelift optimisation level.
     opt_level: Literal["none", "speed", "speed_and_size"] = "speed"
+    #: Instances that may exist at once, allocated from wasmtime's pooling allocator
+    #: (memory slots reserved once and reset for each fresh instance, ADR 0010); past it an
+    #: invocation fails with ``Overloaded``. 0 allocates every instance on demand.
+    pooling_instances: int = 1000
 
     def fingerprint(self) -> str:
         """A short hash of everything that makes compiled code differ: these options, the
@@ -61,6 +74,8 @@ class EngineConfig:
         fingerprint (wasmtime refuses others anyway; keying by it avoids the churn)."""
         parts = asdict(self)
         parts.pop("epoch_tick_ms")  # affects only the ticker, not compiled code
+        # The pool's size does not change code; whether memories are pooled might.
+        parts["pooling_instances"] = self.pooling_instances > 0
         text = f"{sorted(parts.items())}|wasmtime={WASMTIME_VERSION}|{platform.machine()}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -76,16 +91,20 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.epoch_tick_ms <= 0:
             raise ValueError("epoch_tick_ms must be positive")
-        wt_config = wasmtime.Config()
-        wt_config.epoch_interruption = True
-        wt_config.consume_fuel = self.config.fuel
-        wt_config.max_wasm_stack = self.config.max_wasm_stack
-        wt_config.cranelift_opt_level = self.config.opt_level
-        self.wasmtime = wasmtime.Engine(wt_config)
+        try:
+            self.wasmtime = _make_engine(self.config)
+        except wasmtime.WasmtimeError as exc:
+            if self.config.pooling_instances <= 0:
+                raise
+            # The pool reserves address space up front (about 4 GiB a slot); where that is
+            # refused (a low ``ulimit -v``), instances are allocated one by one instead.
+            log.warning("pooling allocator unavailable, allocating on demand: %s", exc)
+            self.config = replace(self.config, pooling_instances=0)
+            self.wasmtime = _make_engine(self.config)
         self.fingerprint = self.config.fingerprint()
         self.linker = wasmtime.Linker(self.wasmtime)
         self.linker.define_wasi()
-        abi.define_stdio(self.linker)
+        capi.define_stdio(self.linker)
         abi.define_host_functions(self.linker)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="pollen-epoch", daemon=True)
@@ -149,6 +168,23 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _make_engine(config: EngineConfig) -> wasmtime.Engine:
+    wt_config = wasmtime.Config()
+    wt_config.epoch_interruption = True
+    wt_config.consume_fuel = config.fuel
+    wt_config.max_wasm_stack = config.max_wasm_stack
+    wt_config.cranelift_opt_level = config.opt_level
+    if config.pooling_instances > 0:
+        capi.use_pooling_allocator(
+            wt_config,
+            instances=config.pooling_instances,
+            max_memory_bytes=POOLED_MEMORY_BYTES,
+            keep_resident_bytes=POOL_KEEP_RESIDENT_BYTES,
+            warm_slots=POOL_WARM_SLOTS,
+        )
+    return wasmtime.Engine(wt_config)
 
 
 def check_binary(wasm: bytes, *, label: str = "the module", workload: str = "") -> None:

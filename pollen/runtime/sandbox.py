@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import wasmtime
 
 from pollen.resources.models import ResourceRequirements
-from pollen.runtime import abi
+from pollen.runtime import abi, capi
 from pollen.runtime.engine import Engine, _first_line
 from pollen.runtime.errors import (
     FuelExhausted,
@@ -31,6 +31,7 @@ from pollen.runtime.errors import (
     MemoryLimitExceeded,
     MissingExport,
     MissingImport,
+    Overloaded,
     SandboxError,
     Timeout,
 )
@@ -132,6 +133,10 @@ class Sandbox:
         self._label = f'workload "{name}"'
         self._check_exports()
         self._pre = self._link()
+        # Raw addresses for ``capi``; ``self._pre`` and the engine keep them alive.
+        self._pre_address = capi.address(self._pre.ptr())
+        self._engine_address = capi.address(engine.wasmtime.ptr())
+        self._argv_cache: dict[tuple[str, ...], capi.Strings] = {}
 
     def _check_exports(self) -> None:
         exports = {export.name: export.type for export in self.module.exports}
@@ -210,42 +215,39 @@ class Sandbox:
         context = host or abi.HostContext(workload=self.name)
         context.stdout, context.stderr = out, err
         context.stdin, context.stdin_offset = bytes(stdin), 0
-        store = wasmtime.Store(engine.wasmtime)
-        instance: wasmtime.Instance | None = None
-        memory_bytes = 0
+        argv = self._argv(tuple(args))
+        names = capi.encode(list(env)) if env else []
+        values = capi.encode(list(env.values())) if env else []
+        fuel = None
+        if engine.config.fuel:
+            fuel = limits.fuel if limits.fuel is not None else (1 << 63) - 1
         started = time.perf_counter()
         cpu_started = time.thread_time()
+        store = capi.Store(self._engine_address)
+        memory_bytes = 0
         try:
-            store.set_limits(memory_size=limits.memory_bytes)
-            store.set_epoch_deadline(engine.deadline_ticks(limits.timeout_ms))
-            if engine.config.fuel:
-                store.set_fuel(limits.fuel if limits.fuel is not None else (1 << 63) - 1)
-            wasi = wasmtime.WasiConfig()
-            wasi.argv = [self.name, *args]
-            wasi.env = list((env or {}).items())
-            store.set_wasi(wasi)
+            store.limit(limits.memory_bytes, engine.deadline_ticks(limits.timeout_ms), fuel)
+            store.set_wasi(argv, capi.Strings(names), capi.Strings(values))
             try:
                 with abi.active(context):
-                    instance = self._pre.instantiate(store)
-                    exports = instance.exports(store)
-                    memory = exports.get("memory")
-                    context.memory = memory if isinstance(memory, wasmtime.Memory) else None
-                    start = exports["_start"]
-                    assert isinstance(start, wasmtime.Func)
-                    start(store)
+                    store.instantiate(self._pre_address)
+                    context.memory = store.memory
+                    store.call_start()
                 exit_code = 0
             except wasmtime.ExitTrap as exc:
                 exit_code = exc.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-                memory_bytes = self._memory_size(store, instance)
-                error = self._classify(exc, instance, memory_bytes, limits)
+                memory_bytes = store.memory_bytes()
+                error = self._classify(exc, store.instantiated, memory_bytes, limits)
                 error.memory_bytes = memory_bytes
                 error.cpu_seconds = time.thread_time() - cpu_started
                 raise error from None
-            memory_bytes = self._memory_size(store, instance)
+            finally:
+                context.memory = None
+            memory_bytes = store.memory_bytes()
         finally:
-            # Close now, on this thread: it frees the instance's memory at once rather than
-            # whenever the garbage collector gets to it.
+            # Close now, on this thread: it frees the instance's memory (or returns its slot
+            # to the pool) at once rather than whenever the garbage collector gets to it.
             store.close()
         return RunResult(
             exit_code=exit_code,
@@ -257,22 +259,31 @@ class Sandbox:
             stdout_truncated=out.truncated,
         )
 
-    @staticmethod
-    def _memory_size(store: wasmtime.Store, instance: wasmtime.Instance | None) -> int:
-        if instance is None:
-            return 0
-        memory = instance.exports(store).get("memory")
-        return memory.data_len(store) if isinstance(memory, wasmtime.Memory) else 0
+    def _argv(self, args: tuple[str, ...]) -> capi.Strings:
+        """``argv`` for these arguments, encoded once: executors pass the same each time."""
+        cached = self._argv_cache.get(args)
+        if cached is None:
+            cached = capi.Strings(capi.encode([self.name, *args]))
+            if len(self._argv_cache) < 64:
+                self._argv_cache[args] = cached
+        return cached
 
     def _classify(
         self,
         exc: Exception,
-        instance: wasmtime.Instance | None,
+        instantiated: bool,
         memory_bytes: int,
         limits: Limits,
     ) -> SandboxError:
         label = self._label
         detail = _first_line(str(exc))
+        if not instantiated and "concurrent limit" in detail:
+            # The pooling allocator's slots are all taken (engine.pooling_instances).
+            return Overloaded(
+                f"{label} cannot start another instance: the node runs as many as it may "
+                f"at once ({detail})",
+                workload=self.name,
+            )
         code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
         if code is wasmtime.TrapCode.INTERRUPT:
             return Timeout(
@@ -284,14 +295,14 @@ class Sandbox:
                 f"{label} used up its fuel of {limits.fuel} and was stopped", workload=self.name
             )
         limit_mb = limits.memory_bytes / MIB
-        if instance is None and "exceeds memory limits" in detail:
+        if not instantiated and "exceeds memory limits" in detail:
             return MemoryLimitExceeded(
                 f"{label} needs more memory at start than its limit of {limit_mb:g} MiB ({detail})",
                 limit=limits.memory_bytes,
                 workload=self.name,
             )
         reason = _trap_reason(exc, detail)
-        if instance is not None and _near_limit(memory_bytes, limits.memory_bytes):
+        if instantiated and _near_limit(memory_bytes, limits.memory_bytes):
             return MemoryLimitExceeded(
                 f"{label} ran out of memory at its limit of {limit_mb:g} MiB "
                 f"(it had {memory_bytes / MIB:.1f} MiB, then {reason})",
@@ -299,7 +310,7 @@ class Sandbox:
                 used=memory_bytes,
                 workload=self.name,
             )
-        if instance is None and not isinstance(exc, wasmtime.Trap):
+        if not instantiated and not isinstance(exc, wasmtime.Trap):
             return InvalidModule(f"{label} could not be instantiated: {detail}", workload=self.name)
         return InstanceTrapped(
             f"{label} trapped: {reason}",

@@ -130,3 +130,64 @@ def no_start() -> bytes:
     return bytes(
         wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "handle")))')
     )
+
+
+def stdio_probe() -> bytes:
+    """A command module that checks Pollen's ``fd_write``/``fd_read`` against bad input.
+
+    It exits with a bit per check that answered as WASI says: 1 an unknown fd is EBADF; 2 an
+    iovec array out of bounds, 4 a buffer out of bounds and 8 ``nwritten`` out of bounds are
+    EFAULT; 16 a good write of 3 bytes reports 3. Then it reads stdin in two reads (5 bytes,
+    then up to 100) and writes what it read after ``hi\\n``: 31 and the echo mean all is well.
+    """
+    fd_read = (
+        '(import "wasi_snapshot_preview1" "fd_read" '
+        "(func $fd_read (param i32 i32 i32 i32) (result i32)))"
+    )
+    return bytes(
+        wasmtime.wat2wasm(
+            f"""
+            (module
+              {FD_WRITE}
+              {fd_read}
+              (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 64) "hi\\n")
+              (func (export "_start") (local $bits i32) (local $got i32)
+                ;; iovec at 0: the 3 bytes at 64; iovec at 16: 100 bytes at 65530
+                (i32.store (i32.const 0) (i32.const 64))
+                (i32.store (i32.const 4) (i32.const 3))
+                (i32.store (i32.const 16) (i32.const 65530))
+                (i32.store (i32.const 20) (i32.const 100))
+                (if (i32.eq (call $fd_write (i32.const 5) (i32.const 0) (i32.const 1)
+                                            (i32.const 8)) (i32.const 8))
+                  (then (local.set $bits (i32.or (local.get $bits) (i32.const 1)))))
+                (if (i32.eq (call $fd_write (i32.const 1) (i32.const 65532) (i32.const 1)
+                                            (i32.const 8)) (i32.const 21))
+                  (then (local.set $bits (i32.or (local.get $bits) (i32.const 2)))))
+                (if (i32.eq (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1)
+                                            (i32.const 8)) (i32.const 21))
+                  (then (local.set $bits (i32.or (local.get $bits) (i32.const 4)))))
+                (if (i32.eq (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1)
+                                            (i32.const 65534)) (i32.const 21))
+                  (then (local.set $bits (i32.or (local.get $bits) (i32.const 8)))))
+                (if (i32.eqz (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1)
+                                             (i32.const 8)))
+                  (then (if (i32.eq (i32.load (i32.const 8)) (i32.const 3))
+                    (then (local.set $bits (i32.or (local.get $bits) (i32.const 16)))))))
+                ;; stdin: 5 bytes into 1000, then up to 100 more after them
+                (i32.store (i32.const 32) (i32.const 1000))
+                (i32.store (i32.const 36) (i32.const 5))
+                (drop (call $fd_read (i32.const 0) (i32.const 32) (i32.const 1) (i32.const 40)))
+                (local.set $got (i32.load (i32.const 40)))
+                (i32.store (i32.const 32) (i32.add (i32.const 1000) (local.get $got)))
+                (i32.store (i32.const 36) (i32.const 100))
+                (drop (call $fd_read (i32.const 0) (i32.const 32) (i32.const 1) (i32.const 40)))
+                (local.set $got (i32.add (local.get $got) (i32.load (i32.const 40))))
+                (i32.store (i32.const 48) (i32.const 1000))
+                (i32.store (i32.const 52) (local.get $got))
+                (drop (call $fd_write (i32.const 1) (i32.const 48) (i32.const 1) (i32.const 8)))
+                (call $proc_exit (local.get $bits))))
+            """
+        )
+    )
