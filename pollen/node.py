@@ -21,11 +21,13 @@ from aiohttp import web
 from cryptography import x509
 
 import pollen
+from pollen.api.proxy import PROXY_STREAM, Channel, NodeProxy, ProxyError
 from pollen.api.server import create_app
 from pollen.mesh import tokens
 from pollen.mesh.identity import NodeIdentity, load_credentials, load_identity
 from pollen.mesh.membership import EventKind, MemberEvent, MemberState
 from pollen.mesh.service import MeshService
+from pollen.mesh.transport import TransportError
 from pollen.reconcilers.manager import ReconcilerManager
 from pollen.resources import (
     Capacity,
@@ -90,6 +92,7 @@ class PollenNode:
         self._unsubscribe: Callable[[], None] | None = None
         self._stopping = False
         self.api_url = ""
+        self.proxy: NodeProxy | None = None
 
     async def start(self) -> None:
         """Open the document, join the mesh, serve the API, and register this Node as Ready."""
@@ -116,6 +119,8 @@ class PollenNode:
             on_member_event=self._member_event,
         )
         await self.mesh.start()
+        self.proxy = NodeProxy(self.name, self._open_proxy_channel)
+        self.mesh.handle_streams(PROXY_STREAM, self.proxy.serve)
         self._unsubscribe = self.store.subscribe(self._on_change)
         app = create_app(
             self.store,
@@ -123,6 +128,7 @@ class PollenNode:
             token=self.identity.api_token,
             node_name=self.name,
             rtt=self.mesh.estimated_rtt,
+            proxy=self.proxy,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -131,6 +137,7 @@ class PollenNode:
         # The bound socket tells the port when port 0 was asked for.
         host, port = self._runner.addresses[0][:2]
         self.api_url = f"http://{host}:{port}"
+        self.proxy.serve_locally(self.api_url, self.identity.api_token)
         self._register(ready=True)
         # After registering: a plugin that fails to load is shown on this node's Node.
         self.reconcilers = ReconcilerManager(
@@ -169,6 +176,9 @@ class PollenNode:
                 if self._runner is not None:
                     await self._runner.cleanup()
                     self._runner = None
+                if self.proxy is not None:
+                    await self.proxy.close()
+                    self.proxy = None
                 self.store.close()
                 self.store = None
         (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
@@ -176,6 +186,15 @@ class PollenNode:
     def _store(self) -> ResourceStore:
         assert self.store is not None
         return self.store
+
+    async def _open_proxy_channel(self, node: str) -> Channel:
+        if self.mesh is None:
+            raise ProxyError("this node is shutting down")
+        try:
+            opened = await self.mesh.open_stream(node, PROXY_STREAM)
+        except TransportError as exc:
+            raise ProxyError(str(exc)) from None
+        return Channel(opened.stream, via=opened.via)
 
     def _on_change(self, change: ChangeEvent) -> None:
         if self.mesh is not None:

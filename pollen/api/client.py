@@ -11,6 +11,7 @@ import http.client
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -26,6 +27,16 @@ Items = list[dict[str, Any]]
 
 # A watch line larger than this is not a resource the node would send; stop rather than buffer.
 _MAX_LINE = 64 << 20
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    """An HTTP answer as it came: status, reason, headers (last value per name) and body."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes
 
 
 class ApiClient:
@@ -144,11 +155,37 @@ class ApiClient:
         query: dict[str, str] | None = None,
         body: Any = None,
     ) -> Any:
-        target = self._target(path, query)
         payload = None if body is None else orjson.dumps(body)
-        headers = dict(self._headers)
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        answer = self._exchange(method, self._target(path, query), payload, headers)
+        if answer.status >= 400:
+            raise _status_error(answer.status, answer.reason, answer.body, self.server)
+        try:
+            return orjson.loads(answer.body)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(
+                answer.status,
+                "BadResponse",
+                f"the node at {self.server} answered {method} {path} with invalid JSON",
+            ) from exc
+
+    def proxy(
+        self, node: str, path: str, *, method: str = "GET", body: bytes | None = None
+    ) -> RawResponse:
+        """``path`` on node ``node``'s API, reached through this node (the node proxy).
+
+        Returns the answer as it is, error statuses included; ``headers["Via"]`` names the
+        nodes it passed through.
+        """
+        if not path.startswith("/"):
+            raise ValueError("a proxied path starts with /")
+        target = self._base + f"{self._path('nodes', node)}/proxy{path}"
+        return self._exchange(method, target, body, {})
+
+    def _exchange(
+        self, method: str, target: str, payload: bytes | None, extra: dict[str, str]
+    ) -> RawResponse:
+        headers = {**self._headers, **extra}
         for attempt in (1, 2):
             reused = self._conn is not None
             if self._conn is None:
@@ -170,16 +207,7 @@ class ApiClient:
                 raise self._unreachable(exc) from exc
             if response.will_close:
                 self.close()
-            if response.status >= 400:
-                raise _status_error(response.status, response.reason, data, self.server)
-            try:
-                return orjson.loads(data)
-            except orjson.JSONDecodeError as exc:
-                raise ApiError(
-                    response.status,
-                    "BadResponse",
-                    f"the node at {self.server} answered {method} {path} with invalid JSON",
-                ) from exc
+            return RawResponse(response.status, response.reason, dict(response.getheaders()), data)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _stream(

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from pollen.api.errors import ApiError
+from pollen.api.proxy import PROXIED_HEADER, NodeProxy
 from pollen.resources import (
     API_VERSION,
     KIND_MODELS,
@@ -45,6 +46,7 @@ TOKEN_KEY = web.AppKey("token", str)
 NODE_NAME_KEY = web.AppKey("node_name", str)
 RttEstimate = Callable[[str], float | None]
 RTT_KEY: web.AppKey[RttEstimate] = web.AppKey("rtt")
+PROXY_KEY: web.AppKey[NodeProxy | None] = web.AppKey("proxy")
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -346,6 +348,25 @@ async def _stream(
     return response
 
 
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    """``nodes/NAME/proxy/PATH``: what ``PATH`` answers on node NAME's API (``docs/api.md``)."""
+    if PROXIED_HEADER in request.headers:
+        raise ApiError(400, "BadRequest", "a request proxied once is not proxied again")
+    name = request.match_info["name"]
+    # The raw path, so that what reaches the other node is exactly what the caller sent.
+    prefix = f"{PREFIX}/nodes/{name}/proxy"
+    raw_path = request.raw_path.partition("?")[0]
+    tail = raw_path[len(prefix) :] if raw_path.startswith(prefix) else None
+    if tail is None or (tail and not tail.startswith("/")):
+        raise ApiError(404, "NotFound", f"{request.method} {request.path}: not found")
+    if request.app[STORE_KEY].get("Node", name) is None:
+        raise _not_found("Node", name)
+    proxy = request.app[PROXY_KEY]
+    if proxy is None:
+        raise ApiError(503, "ServiceUnavailable", "this node does not proxy to other nodes")
+    return await proxy.forward(request, name, tail or "/")
+
+
 def create_app(
     store: ResourceStore,
     events: EventLog,
@@ -353,6 +374,7 @@ def create_app(
     token: str,
     node_name: str,
     rtt: RttEstimate | None = None,
+    proxy: NodeProxy | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``docs/api.md`` for one node."""
     if not token:
@@ -363,10 +385,12 @@ def create_app(
     app[TOKEN_KEY] = token
     app[NODE_NAME_KEY] = node_name
     app[RTT_KEY] = rtt or (lambda _name: None)
+    app[PROXY_KEY] = proxy
     app.router.add_get("/healthz", _healthz)
     app.router.add_get(f"{PREFIX}/events", _events)
     app.router.add_post(f"{PREFIX}/apply", _apply)
     app.router.add_get(f"{PREFIX}/{{plural}}", _list)
     app.router.add_get(f"{PREFIX}/{{plural}}/{{name}}", _get)
     app.router.add_delete(f"{PREFIX}/{{plural}}/{{name}}", _delete)
+    app.router.add_route("*", f"{PREFIX}/nodes/{{name}}/proxy{{tail:.*}}", _proxy)
     return app

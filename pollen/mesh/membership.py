@@ -472,6 +472,7 @@ class Membership:
         self._outgoing: list[Outbound] = []
         self._events: list[MemberEvent] = []
         self._rtt_samples: list[RttSample] = []
+        self._indirect_only: list[str] = []
 
     # --- read side ------------------------------------------------------------------------
 
@@ -555,6 +556,15 @@ class Membership:
         """Round trips measured on direct probes since the last call (feed them to Vivaldi)."""
         samples, self._rtt_samples = self._rtt_samples, []
         return samples
+
+    def drain_indirect_only(self) -> list[str]:
+        """Members whose probe was answered only through an intermediary, since the last call.
+
+        A member alive for others but not answering us directly: the direct path is broken
+        (the mesh routes its streams through a relay).
+        """
+        names, self._indirect_only = self._indirect_only, []
+        return names
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -792,6 +802,8 @@ class Membership:
                     self._rtt_samples.append(RttSample(sender, rtt, ack.coordinate))
             elif sender not in probe.intermediaries:
                 return
+            elif len(self._indirect_only) < 256:  # bounded if nobody drains it
+                self._indirect_only.append(probe.target)
             self._probe = None
             self._awareness.apply(-1)
             return

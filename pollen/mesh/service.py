@@ -8,7 +8,10 @@ sync is :mod:`sync`'s. The same state machines run in :mod:`pollen.sim` on virtu
 Channels on a peer connection:
 
 * ``MEMBERSHIP`` messages (:mod:`wire`), as datagrams when they fit;
-* a ``gossip`` stream each way per peer, carrying :mod:`sync` payloads as frames.
+* a ``gossip`` stream each way per peer, carrying :mod:`sync` payloads as frames;
+* streams of the kinds other parts of the node register (:meth:`MeshService.handle_streams`),
+  opened with :meth:`MeshService.open_stream`, directly or through a relay (:mod:`relay`)
+  when the peer cannot be reached directly.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import contextlib
 import dataclasses
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pollen.mesh import identity, pki, tokens, topology, wire
 from pollen.mesh.membership import (
+    EventKind,
     Member,
     MemberEvent,
     MemberMeta,
@@ -30,11 +35,22 @@ from pollen.mesh.membership import (
     MemberState,
     SwimConfig,
 )
+from pollen.mesh.relay import (
+    RELAY_KIND,
+    RELAYED_KIND,
+    RelayAnswer,
+    RelayedHeader,
+    RelayError,
+    RelayRequest,
+    RouteConfig,
+    RouteTable,
+)
 from pollen.mesh.sync import DocumentGossip, GossipConfig, SyncedDocument, SyncError
 from pollen.mesh.transport import (
     FramedStream,
     MeshTransport,
     PeerUnavailable,
+    StreamClosed,
     TransportConfig,
     TransportError,
 )
@@ -46,6 +62,25 @@ MEMBERSHIP_CHANNEL = 1
 GOSSIP_STREAM = "gossip"
 # Seconds between checks that fast-changing facts (load, coordinate) moved enough to announce.
 META_REFRESH_SECONDS = 5.0
+# Seconds a relay or a relayed stream may take to send its header or answer.
+RELAY_HEADER_TIMEOUT = 10.0
+# Streams this node relays for others at once; further requests are refused as busy.
+MAX_RELAYED_STREAMS = 256
+_RESERVED_KINDS = frozenset({GOSSIP_STREAM, RELAY_KIND, RELAYED_KIND})
+
+_Header = TypeVar("_Header", RelayRequest, RelayedHeader)
+
+StreamHandler = Callable[[str, FramedStream], Awaitable[None]]
+"""Serves one incoming stream: ``(origin node, stream)``. Returning finishes the stream."""
+
+
+@dataclass(frozen=True)
+class MeshStream:
+    """A stream to ``peer``, direct (``via`` is None) or through the relay ``via``."""
+
+    stream: FramedStream
+    peer: str
+    via: str | None = None
 
 
 @dataclass
@@ -60,6 +95,7 @@ class MeshSettings:
     )
     gossip: GossipConfig = field(default_factory=GossipConfig)
     topology: topology.TopologyConfig = field(default_factory=topology.TopologyConfig)
+    routes: RouteConfig = field(default_factory=RouteConfig)
 
 
 class MeshService:
@@ -117,6 +153,9 @@ class MeshService:
         self._stopped = False
         self._next_meta = 0.0
         self._last_meta: MemberMeta | None = None
+        self._routes = RouteTable(self.settings.routes)
+        self._handlers: dict[str, StreamHandler] = {}
+        self._relaying = 0
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -198,14 +237,24 @@ class MeshService:
 
     def estimated_rtt(self, peer: str) -> float | None:
         """Vivaldi's estimate of the round trip to ``peer`` in seconds, if it has a coordinate."""
-        member = self.members().get(peer)
-        if member is None or member.meta.coordinate is None:
-            return None
-        if peer == self.name:
+        return self.distance(self.name, peer)
+
+    def distance(self, a: str, b: str) -> float | None:
+        """Vivaldi's estimate of the round trip between members ``a`` and ``b``, in seconds."""
+        if a == b:
             return 0.0
+        coordinates = []
+        for name in (a, b):
+            if name == self.name:
+                coordinates.append(self.vivaldi.coordinate)
+                continue
+            member = self.members().get(name)
+            if member is None or member.meta.coordinate is None:
+                return None
+            coordinates.append(member.meta.coordinate)
         try:
-            return estimate_rtt(self.vivaldi.coordinate, member.meta.coordinate)
-        except ValueError:
+            return estimate_rtt(coordinates[0], coordinates[1])
+        except ValueError:  # a peer's coordinate of another dimensionality
             return None
 
     @property
@@ -217,6 +266,91 @@ class MeshService:
         if self.gossip is not None and self._loop is not None:
             self.gossip.on_local_change(self._now())
             self._flush()
+
+    def handle_streams(self, kind: str, handler: StreamHandler) -> None:
+        """Serve incoming streams of ``kind``, direct or relayed, with ``handler``."""
+        if kind in _RESERVED_KINDS:
+            raise ValueError(f"stream kind {kind!r} is the mesh's own")
+        self._handlers[kind] = handler
+
+    async def open_stream(self, peer: str, kind: str, *, via: str | None = None) -> MeshStream:
+        """A stream of ``kind`` to ``peer``: direct when possible, else through a relay.
+
+        A peer not connected yet is dialled; if that fails, or takes longer than
+        ``routes.direct_attempt``, the stream goes through a connected node that can reach
+        ``peer`` (one hop), and the next streams try the relay that worked first, for
+        ``retry_direct_after`` seconds. With ``via``, the stream goes through that relay even
+        when a direct route exists (for diagnostics). Raises :class:`PeerUnavailable` with
+        every reason when nothing works.
+        """
+        if peer == self.name:
+            raise ValueError("a node does not open mesh streams to itself")
+        if via is not None:
+            try:
+                return MeshStream(await self._open_relayed(via, peer, kind), peer, via=via)
+            except (RelayError, TimeoutError) as exc:
+                raise PeerUnavailable(
+                    f"node {peer!r} through {via}: {str(exc) or 'timed out'}"
+                ) from None
+        if self.transport.peer(peer) is None and self._routes.try_direct(peer, self._now()):
+            addresses = self._addresses_of(peer)
+            try:
+                async with asyncio.timeout(self.settings.routes.direct_attempt):
+                    await self._connect(peer, addresses)
+            except (TransportError, TimeoutError) as exc:
+                log.debug("no direct route to %s: %s", peer, str(exc) or "timed out")
+                self._routes.direct_failed(peer, self._now())
+        if self.transport.peer(peer) is not None:
+            with contextlib.suppress(PeerUnavailable):
+                return MeshStream(await self.transport.open_stream(peer, kind), peer)
+        reasons: list[str] = []
+        relays = self._routes.relays(
+            peer, self.transport.peers(), self.distance, self_name=self.name
+        )
+        for relay in relays:
+            try:
+                stream = await self._open_relayed(relay, peer, kind)
+            except (TransportError, RelayError, TimeoutError) as exc:
+                self._routes.relay_failed(peer, relay)
+                reasons.append(f"through {relay}: {str(exc) or 'timed out'}")
+                continue
+            self._routes.relayed_via(peer, relay)
+            return MeshStream(stream, peer, via=relay)
+        if not relays:
+            reasons.append("no other node to relay through")
+        raise PeerUnavailable(
+            f"node {peer!r} cannot be reached directly or through a relay ({'; '.join(reasons)})"
+        )
+
+    async def _connect(self, peer: str, addresses: list[tuple[str, int]]) -> None:
+        if not addresses:
+            raise PeerUnavailable(f"no address is known for node {peer!r}")
+        failure: TransportError | None = None
+        for address in addresses:
+            try:
+                await self.transport.connect(address, expected_peer=peer)
+                return
+            except TransportError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def _open_relayed(self, relay: str, peer: str, kind: str) -> FramedStream:
+        stream = await self.transport.open_stream(relay, RELAY_KIND)
+        try:
+            await stream.write_frame(RelayRequest(peer, kind).encode())
+            async with asyncio.timeout(RELAY_HEADER_TIMEOUT):
+                frame = await stream.read_frame()
+            if frame is None:
+                raise RelayError("the relay ended the stream without an answer")
+            answer = RelayAnswer.decode(frame)
+        except BaseException:
+            stream.reset()
+            raise
+        if not answer.ok:
+            stream.reset()
+            raise RelayError(answer.error or "refused")
+        return stream
 
     def evict(self, peer: str) -> None:
         """Declare ``peer`` dead at once (its Node was deleted) and drop its connection."""
@@ -314,11 +448,18 @@ class MeshService:
         for peer, payload in self.gossip.drain_outgoing():
             self._send_gossip(peer, payload)
         for sample in self.membership.drain_rtt_samples():
+            self._routes.direct_answer(sample.peer)
             if sample.coordinate is not None:
                 self.vivaldi.update(sample.peer, sample.coordinate, sample.rtt)
+        for peer in self.membership.drain_indirect_only():
+            if self._routes.indirect_only(peer, self._now()):
+                log.info("no direct route to %s any more; its streams go through a relay", peer)
+                self.transport.close_peer(peer, "the direct path stopped answering")
         membership_changed = False
         for event in self.membership.drain_events():
             membership_changed = True
+            if event.kind in (EventKind.DEAD, EventKind.LEFT, EventKind.REAPED):
+                self._routes.forget(event.member.name)
             if self._on_member_event is not None:
                 try:
                     self._on_member_event(event)
@@ -340,16 +481,18 @@ class MeshService:
                 queue.append(data)
             self._ensure_connected(peer)
 
+    def _addresses_of(self, peer: str) -> list[tuple[str, int]]:
+        member = self.members().get(peer)
+        addresses: list[tuple[str, int]] = []
+        for text in member.meta.addresses if member is not None else ():
+            with contextlib.suppress(ValueError):  # a peer's meta is hostile input
+                addresses.append(tokens.parse_address(text))
+        return addresses
+
     def _ensure_connected(self, peer: str) -> None:
         if self.transport.peer(peer) is not None or peer in self._dialing or self._loop is None:
             return
-        member = self.members().get(peer)
-        if member is None:
-            return
-        addresses = []
-        for text in member.meta.addresses:
-            with contextlib.suppress(ValueError):  # a peer's meta is hostile input
-                addresses.append(tokens.parse_address(text))
+        addresses = self._addresses_of(peer)
         if not addresses:
             return
         task = self._loop.create_task(self._dial(peer, addresses))
@@ -357,14 +500,14 @@ class MeshService:
         task.add_done_callback(lambda _: self._dialing.pop(peer, None))
 
     async def _dial(self, peer: str, addresses: list[tuple[str, int]]) -> None:
-        for address in addresses:
-            try:
-                await self.transport.connect(address, expected_peer=peer)
-                return
-            except TransportError as exc:
-                log.debug("cannot reach %s at %s: %s", peer, address, exc)
-        # Unreachable: membership's probes will suspect it; drop what waited for it.
-        self._pending.pop(peer, None)
+        try:
+            await self._connect(peer, addresses)
+        except TransportError as exc:
+            log.debug("cannot reach %s: %s", peer, exc)
+            if self._loop is not None:
+                self._routes.direct_failed(peer, self._now())
+            # Unreachable: membership's probes will suspect it; drop what waited for it.
+            self._pending.pop(peer, None)
 
     def _send_gossip(self, peer: str, payload: bytes) -> None:
         queue = self._gossip_out.get(peer)
@@ -405,8 +548,18 @@ class MeshService:
         self._flush()
 
     async def _on_stream(self, peer: str, kind: str, stream: FramedStream) -> None:
+        if kind == RELAY_KIND:
+            await self._serve_relay(peer, stream)
+            return
+        if kind == RELAYED_KIND:
+            await self._accept_relayed(peer, stream)
+            return
         if kind != GOSSIP_STREAM:
-            stream.reset()
+            handler = self._handlers.get(kind)
+            if handler is None:
+                stream.reset()
+                return
+            await handler(peer, stream)
             return
         task = asyncio.current_task()
         if task is not None:
@@ -431,6 +584,7 @@ class MeshService:
             return
         now = self._now()
         if connected:
+            self._routes.direct_up(peer)
             self.gossip.peer_up(peer, now)
             for data in self._pending.pop(peer, []):
                 with contextlib.suppress(PeerUnavailable):
@@ -442,3 +596,130 @@ class MeshService:
                 writer.cancel()
             self._gossip_out.pop(peer, None)
         self._flush()
+
+    # relaying ---------------------------------------------------------------------------------
+
+    async def _serve_relay(self, origin: str, stream: FramedStream) -> None:
+        """Relay ``origin``'s stream to the target it names, then copy frames both ways."""
+        request = await _read_header(stream, RelayRequest.decode, "bad relay request")
+        if request is None:
+            return
+        refusal = self._relay_refusal(origin, request)
+        if refusal is not None:
+            await stream.write_frame(RelayAnswer(refusal).encode())
+            return
+        self._relaying += 1
+        try:
+            try:
+                onward = await self._open_onward(origin, request)
+            except (TransportError, RelayError, TimeoutError) as exc:
+                reason = f"{self.name} cannot reach {request.target}: {str(exc) or 'timed out'}"
+                await stream.write_frame(RelayAnswer(reason).encode())
+                return
+            try:
+                await stream.write_frame(RelayAnswer().encode())
+            except BaseException:
+                onward.reset()
+                raise
+            await _splice(stream, onward)
+        finally:
+            self._relaying -= 1
+
+    def _relay_refusal(self, origin: str, request: RelayRequest) -> str | None:
+        if request.target in (origin, self.name):
+            return f"{self.name} does not relay a stream back to its origin or to itself"
+        if request.kind in _RESERVED_KINDS:
+            return f"stream kind {request.kind!r} is not relayed"
+        member = self.members().get(request.target)
+        if member is None or member.state != MemberState.ALIVE:
+            return f"{request.target} is not an alive member as {self.name} sees it"
+        if self._relaying >= MAX_RELAYED_STREAMS:
+            return f"{self.name} is relaying too many streams"
+        return None
+
+    async def _open_onward(self, origin: str, request: RelayRequest) -> FramedStream:
+        """The stream to the target, with the target's answer read (and checked to be ok)."""
+        if self.transport.peer(request.target) is None:
+            async with asyncio.timeout(self.settings.routes.direct_attempt):
+                await self._connect(request.target, self._addresses_of(request.target))
+        onward = await self.transport.open_stream(request.target, RELAYED_KIND)
+        try:
+            await onward.write_frame(RelayedHeader(origin, request.kind).encode())
+            async with asyncio.timeout(RELAY_HEADER_TIMEOUT):
+                frame = await onward.read_frame()
+            if frame is None:
+                raise RelayError(f"{request.target} ended the stream without an answer")
+            answer = RelayAnswer.decode(frame)
+            if not answer.ok:
+                raise RelayError(answer.error or "refused")
+        except BaseException:
+            onward.reset()
+            raise
+        return onward
+
+    async def _accept_relayed(self, relay: str, stream: FramedStream) -> None:
+        """A stream ``relay`` opened on behalf of another node: hand it to its handler."""
+        header = await _read_header(stream, RelayedHeader.decode, "bad relayed header")
+        if header is None:
+            return
+        handler = self._handlers.get(header.kind)
+        refusal: str | None = None
+        if header.origin in (relay, self.name):
+            refusal = "a relayed stream must come from a third node"
+        elif header.origin not in self.members():
+            # The relay authenticated the origin; this node still insists on a member it knows.
+            refusal = f"{header.origin} is not a member as {self.name} sees it"
+        elif handler is None:
+            refusal = f"{self.name} serves no {header.kind!r} streams"
+        if refusal is not None:
+            await stream.write_frame(RelayAnswer(refusal).encode())
+            return
+        assert handler is not None
+        await stream.write_frame(RelayAnswer().encode())
+        await handler(header.origin, stream)
+
+
+async def _read_header(
+    stream: FramedStream, decode: Callable[[bytes], _Header], refusal: str
+) -> _Header | None:
+    """The first frame of a relay stream, decoded; None (after answering why) if it is bad."""
+    try:
+        async with asyncio.timeout(RELAY_HEADER_TIMEOUT):
+            frame = await stream.read_frame()
+        if frame is None:
+            return None
+        return decode(frame)
+    except (RelayError, TimeoutError) as exc:
+        await stream.write_frame(RelayAnswer(f"{refusal}: {str(exc) or 'timed out'}").encode())
+        return None
+
+
+async def _splice(a: FramedStream, b: FramedStream) -> None:
+    """Copy frames from ``a`` to ``b`` and back until both directions finished.
+
+    A reset or a lost connection on either side resets both: an end must never take a stream
+    cut short by the relay for a complete one.
+    """
+
+    async def pump(source: FramedStream, sink: FramedStream) -> None:
+        while (frame := await source.read_frame()) is not None:
+            await sink.write_frame(frame)
+        await sink.finish()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(pump(a, b))
+            group.create_task(pump(b, a))
+    except BaseExceptionGroup as failures:
+        a.reset()
+        b.reset()
+        unexpected = failures.subgroup(
+            lambda e: not isinstance(e, (StreamClosed, TransportError, ConnectionError))
+        )
+        if unexpected is not None:
+            raise
+        raise StreamClosed("one end of the relayed stream closed") from None
+    except BaseException:
+        a.reset()
+        b.reset()
+        raise

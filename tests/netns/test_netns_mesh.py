@@ -131,3 +131,42 @@ def test_both_sides_of_a_partition_keep_working_and_converge_after_healing(
             f"\npartition ({topology.backend}): split seen in {partitioned:.1f}s, "
             f"healed and converged in {time.monotonic() - started:.1f}s"
         )
+
+
+def _proxied_via(origin: NetnsNode, target: str) -> str | None:
+    """The ``Via`` of a proxied ``/healthz`` of ``target`` through ``origin``, if it worked."""
+    try:
+        with origin.client(timeout=15) as client:
+            answer = client.proxy(target, "/healthz")
+    except ApiError:
+        return None
+    return answer.headers.get("Via") if answer.status == 200 else None
+
+
+def test_streams_go_through_a_relay_where_there_is_no_direct_route(
+    tmp_path: Path, pollen_env: dict[str, str]
+) -> None:
+    names = ["h0", "h1", "h2"]
+    with Topology([2, 2, 2]) as topology, swarm(topology, tmp_path, pollen_env) as nodes:
+        all_ready = dict.fromkeys(names, "True")
+        wait_for(
+            lambda: all(_ready_view(n) == all_ready for n in nodes),
+            timeout=60,
+            what="every node Ready everywhere",
+        )
+        assert _proxied_via(nodes[0], "h2") == "1.1 h2, 1.1 h0", "direct while there is a route"
+        # h0 and h2 lose their direct route; both still reach h1.
+        topology.partition([0], [2])
+        started = time.monotonic()
+        for origin, target in ((0, "h2"), (2, "h0")):
+            wait_for(
+                lambda origin=origin, target=target: (
+                    _proxied_via(nodes[origin], target) == f"1.1 {target}, 1.1 h1, 1.1 h{origin}"
+                ),
+                timeout=90,
+                what=f"h{origin}'s requests to {target} to go through the relay h1",
+            )
+        took = time.monotonic() - started
+        # Membership's indirect probes (through h1) keep both alive for everyone.
+        assert all(_ready_view(n) == all_ready for n in nodes)
+        print(f"\nrelay ({topology.backend}): streams relayed {took:.1f}s after the cut")

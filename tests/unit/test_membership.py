@@ -75,6 +75,7 @@ class Net:
     rtts: list[tuple[str, str, float, float]] = field(default_factory=list)
     max_bytes: int = 0
     vivaldi: dict[str, VivaldiClient] | None = None  # fed from the probes' RTT samples
+    indirect_only: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -135,6 +136,8 @@ class Net:
             if self.vivaldi is not None:
                 client = self.vivaldi.setdefault(name, VivaldiClient(rng=random.Random(name)))
                 node.set_coordinate(client.update(peer, coord, rtt))
+        for peer in node.drain_indirect_only():
+            self.indirect_only[(name, peer)] += 1
         deadline = node.next_deadline()
         if deadline is not None:
             assert deadline > self.now or not ticked, "a member did not make progress"
@@ -327,6 +330,9 @@ def test_indirect_probes_save_a_member_whose_direct_link_is_cut(indirect: int) -
     if indirect:
         assert net.pingreq_targets[(a, b)] >= 3, "a probed b and went through others"
         assert not net.events(EventKind.SUSPECT), "indirect acks kept everyone alive"
+        # Only the cut pair is reported as reachable only indirectly (the relay's trigger).
+        assert set(net.indirect_only) == {(a, b), (b, a)}
+        assert min(net.indirect_only.values()) >= 3
     else:
         # Without indirect probes, a accuses b every round; b refutes every time.
         assert suspicions_by_a and net.nodes[b].incarnation >= 2
