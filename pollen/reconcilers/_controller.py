@@ -109,8 +109,15 @@ class Controller:
             task.cancel()
         pending = [*self._tasks, *self._running.values()]
         if pending:
-            # A call that ignores cancellation is left behind rather than holding up the node.
             await asyncio.wait(pending, timeout=self._settings.cancel_grace)
+        for task in list(self._running.values()):
+            if not task.done():
+                # It ignores cancellation, and asyncio.run would wait for it forever at exit.
+                # Closing the coroutine throws GeneratorExit into it, which ends it unless it
+                # catches even that; then the task ends at its next step.
+                log.warning("reconciler %s: closing a call that ignores cancellation", self.name)
+                with contextlib.suppress(RuntimeError):
+                    task.get_coro().close()
         self._tasks.clear()
 
     # --- feeding ----------------------------------------------------------------------------

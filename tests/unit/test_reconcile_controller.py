@@ -591,3 +591,22 @@ async def test_a_node_whose_plugins_all_load_says_so(
         assert "tests.unit.plugin_objects:Labeller" in condition.message
     finally:
         await manager.stop()
+
+
+async def test_stopping_ends_even_a_call_that_ignores_cancellation(
+    store: ResourceStore, events: EventLog
+) -> None:
+    store.apply([workload("stuck")])
+    stubborn = Stubborn()
+    manager = ReconcilerManager(store, events, node_name=NODE, settings=FAST)
+    manager.add(stubborn)
+    await manager.start()
+    await wait_until(lambda: stubborn.in_flight["stuck"] == 1)
+    calls = [t for t in asyncio.all_tasks() if t.get_name().startswith("reconcile stubborn")]
+    await manager.stop()
+    # What asyncio.run does at exit: cancel what is left and wait for it.
+    for task in calls:
+        task.cancel()
+    finished, _ = await asyncio.wait(calls, timeout=5)
+    assert set(finished) == set(calls)
+    assert stubborn.in_flight["stuck"] == 0  # its finally block ran
