@@ -177,14 +177,26 @@ class HttpExecutor:
             raise Unavailable(f'workload "{self.name}" is not taking requests', workload=self.name)
         return self.pool.submit(lambda: self.respond(request))
 
-    async def handle(self, request: HttpRequest) -> HttpResponse:
-        """Serve ``request`` from asyncio; always returns a response."""
+    def dispatch(self, request: HttpRequest) -> asyncio.Future[HttpResponse]:
+        """Queue ``request`` from the running event loop; the future always ends with a
+        response (503 at once when the queue is full). No task per request, and results
+        reach the loop in batches (``WorkerPool.submit_async``): what the HTTP front end
+        (``httpserver``) calls."""
         try:
-            future = self.submit(request)
+            if not self.accepting:
+                raise Unavailable(
+                    f'workload "{self.name}" is not taking requests', workload=self.name
+                )
+            return self.pool.submit_async(lambda: self.respond(request))
         except SandboxError as exc:
             self.usage.error(exc.reason)
-            return failure_response(exc)
-        return await asyncio.wrap_future(future)
+            future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
+            future.set_result(failure_response(exc))
+            return future
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        """Serve ``request`` from asyncio; always returns a response."""
+        return await self.dispatch(request)
 
     @property
     def in_flight(self) -> int:

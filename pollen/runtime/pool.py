@@ -10,18 +10,96 @@ the pool is therefore sized to the cores by default.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pollen.runtime.errors import Overloaded, Unavailable
 
 T = TypeVar("T")
 
-_Job = tuple[Future[object], Callable[[], object]]
+
+class _Completion(Protocol):
+    """What a worker needs of a job's future (``concurrent.futures.Future`` has it)."""
+
+    def set_running_or_notify_cancel(self) -> bool: ...
+
+    def set_result(self, result: Any) -> None: ...
+
+    def set_exception(self, exception: BaseException | None) -> None: ...
+
+
+_Job = tuple[_Completion, Callable[[], object]]
+
+
+class _Inbox:
+    """Results from worker threads for one event loop, handed over in batches.
+
+    ``asyncio.wrap_future`` costs a ``call_soon_threadsafe`` (a write to the loop's wake-up
+    pipe) per result. Here a worker appends to a deque and wakes the loop only when no
+    wake-up is pending; the loop then settles every result that arrived meanwhile. Lock-free
+    under the GIL: the loop clears the flag *before* it drains and a worker appends *before*
+    it tests the flag, so a result is never left behind (at worst the loop wakes once for
+    nothing).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ready: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = (
+            collections.deque()
+        )
+        self._scheduled = False
+
+    def put(self, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+        """Settle ``future`` on its loop (from any thread)."""
+        self._ready.append((future, result, error))
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                self._ready.clear()
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        ready = self._ready
+        while ready:
+            future, result, error = ready.popleft()
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
+
+
+class _LoopCompletion(Generic[T]):
+    """Completes an asyncio future from a worker thread, through the loop's inbox."""
+
+    __slots__ = ("_future", "_inbox")
+
+    def __init__(self, future: asyncio.Future[T], inbox: _Inbox) -> None:
+        self._future = future
+        self._inbox = inbox
+
+    def set_running_or_notify_cancel(self) -> bool:
+        # Read from a worker thread: at worst a job cancelled this instant still runs.
+        return not self._future.cancelled()
+
+    def set_result(self, result: Any) -> None:
+        self._inbox.put(self._future, result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._inbox.put(self._future, None, exception)
 
 
 def default_workers() -> int:
@@ -68,6 +146,21 @@ class WorkerPool:
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on a worker; raise ``Overloaded`` at once when the queue is full."""
         future: Future[T] = Future()
+        self._enqueue(future, fn)
+        return future
+
+    def submit_async(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``submit`` for the running event loop: an asyncio future, settled in batches with
+        the other results that finish meanwhile. Raises ``Overloaded`` at once when full."""
+        loop = asyncio.get_running_loop()
+        inbox = _inboxes.get(loop)
+        if inbox is None:
+            inbox = _inboxes[loop] = _Inbox(loop)
+        future: asyncio.Future[T] = loop.create_future()
+        self._enqueue(_LoopCompletion(future, inbox), fn)
+        return future
+
+    def _enqueue(self, completion: _Completion, fn: Callable[[], object]) -> None:
         with self._lock:
             if self._closed:
                 raise Unavailable(f"the {self.name} pool is shut down")
@@ -85,8 +178,7 @@ class WorkerPool:
                 )
                 self._threads.append(thread)
                 thread.start()
-        self._queue.put((future, fn))  # type: ignore[arg-type]
-        return future
+        self._queue.put((completion, fn))
 
     def _work(self) -> None:
         while True:

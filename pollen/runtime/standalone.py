@@ -1,8 +1,9 @@
 """``pollen run``: one module in the node's sandbox, with no cluster. The author's loop.
 
-``--executor http`` serves the module on ``127.0.0.1:PORT`` with aiohttp, one fresh instance
-per request, exactly as a node's gateway would. ``--executor command`` runs it once, passes
-its stdout and stderr through, and exits with its exit status.
+``--executor http`` serves the module on ``127.0.0.1:PORT`` with the runtime's HTTP front end
+(``httpserver``), one fresh instance per request, exactly as a node's gateway would.
+``--executor command`` runs it once, passes its stdout and stderr through, and exits with its
+exit status.
 
 Exit status of ``pollen run`` itself when the module cannot finish normally: 2 when it cannot
 be loaded (not WebAssembly, a missing import or export), 124 when it timed out (as
@@ -19,15 +20,12 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from aiohttp import web
-from multidict import CIMultiDict
-
 from pollen.resources.models import Executor, ResourceRequirements, WorkloadSpec
 from pollen.runtime.errors import MemoryLimitExceeded, SandboxError, Timeout
 from pollen.runtime.executors import HttpExecutor, RestartPolicy
+from pollen.runtime.httpserver import HttpServer, ServerLimits
 from pollen.runtime.logs import LogBuffer, LogLine
 from pollen.runtime.runtime import Runtime
-from pollen.runtime.wagi import HttpRequest
 
 EXIT_LOAD_FAILED = 2
 EXIT_TIMEOUT = 124
@@ -83,25 +81,6 @@ def make_spec(
     )
 
 
-def to_request(request: web.BaseRequest, body: bytes, port: int) -> HttpRequest:
-    """An aiohttp request as the runtime's ``HttpRequest``."""
-    # Both raw: CGI wants QUERY_STRING as sent (aiohttp's ``query_string`` is decoded).
-    raw_path, _, raw_query = request.raw_path.partition("?")
-    host = request.host.rsplit(":", 1)[0] if request.host else "127.0.0.1"
-    return HttpRequest(
-        method=request.method,
-        path=raw_path or "/",
-        query=raw_query,
-        headers=tuple(request.headers.items()),
-        body=body,
-        scheme=request.scheme,
-        server_name=host,
-        server_port=port,
-        remote_addr=request.remote or "",
-        protocol=f"HTTP/{request.version.major}.{request.version.minor}",
-    )
-
-
 async def serve_http(
     executor: HttpExecutor,
     host: str,
@@ -109,41 +88,22 @@ async def serve_http(
     *,
     announce: Announce = _stderr,
     stop: asyncio.Event | None = None,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve ``executor`` on ``host:port`` until ``stop`` is set (or SIGINT/SIGTERM)."""
-    bound_port = port
-
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            return web.Response(status=413, text=f"{exc.text}\n")
-        response = await executor.handle(to_request(request, body, bound_port))
-        return web.Response(
-            status=response.status, headers=CIMultiDict(response.headers), body=response.body
-        )
-
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    # The low-level server: one handler for every path and method, no router in the way.
-    runner = web.ServerRunner(web.Server(handle), access_log=None, handle_signals=False)
-    await runner.setup()
+    # Every path and method goes to the one workload: no router in the way.
+    server = HttpServer(executor.dispatch, limits=limits)
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        for address in runner.addresses:
-            if isinstance(address, tuple):
-                bound_port = int(address[1])
-                break
-        announce(
-            f'Serving workload "{executor.name}" at http://{host}:{bound_port}/ (Ctrl-C to stop)'
-        )
+        bound = await server.start(host, port)
+        announce(f'Serving workload "{executor.name}" at http://{host}:{bound}/ (Ctrl-C to stop)')
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await server.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
