@@ -23,9 +23,10 @@ arguments arrive as one raw array and their memory is reached through a raw poin
 no Python object per argument.
 
 Everything else (compiling, linking, ``InstancePre``, the host functions ``pollen.*``, error
-and trap objects) stays with wasmtime-py. The binding follows wasmtime-py's own generated
-declarations (``wasmtime._bindings``), so the C signatures come from the installed version;
-pyproject pins wasmtime to one major version because this module relies on them.
+and trap objects) stays with wasmtime-py. The declarations here mirror the ones wasmtime-py
+generates for the installed version (``wasmtime._bindings``), with opaque pointers passed as
+plain addresses; pyproject pins wasmtime to one major version because this module relies on
+those signatures.
 """
 
 from __future__ import annotations

@@ -158,6 +158,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._closing = False  # no more requests will be read
+        self._eof = False  # the client half-closed its side
         self._paused_reading = False
         self._paused_writing = False
         self._remote = ""
@@ -196,6 +197,12 @@ class _Connection(asyncio.Protocol):
             refused = exc.__context__ if isinstance(exc.__context__, _Refused) else None
             status = refused.status if refused is not None else 400
             self._fail(status)
+
+    def eof_received(self) -> bool:
+        # The client sent all it will send (a half-close): answer what was read, then close.
+        self._stop_reading()
+        self._eof = True
+        return bool(self._queue)  # True keeps the transport open for the answers
 
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests until it does.
@@ -344,6 +351,9 @@ class _Connection(asyncio.Protocol):
                 transport.close()
                 return
         self.last_active = time.monotonic()
+        if self._eof and not queue and transport is not None:
+            transport.close()
+            return
         self._update_reading()
         if self._server.closing and not queue:
             self._server.note_idle()

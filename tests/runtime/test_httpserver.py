@@ -350,6 +350,23 @@ def test_serves_hello_and_echo(runtime: Runtime, examples: dict[str, Path]) -> N
             served.close()
 
 
+def test_half_closed_client_still_gets_its_answers(
+    runtime: Runtime, examples: dict[str, Path]
+) -> None:
+    hello = runtime.http_executor("hello", runtime.load_file(examples["hello"], name="hello"))
+    served = _serve_executor(hello)
+    try:
+        with served.connect() as sock:
+            sock.sendall(_get() + _get())
+            sock.shutdown(socket.SHUT_WR)
+            reader = Reader(sock)
+            assert reader.response()[2] == b"Hello from Pollen!\n"
+            assert reader.response()[2] == b"Hello from Pollen!\n"
+            assert reader.closed()
+    finally:
+        served.close()
+
+
 def test_full_queue_is_503_at_once(tmp_path: Path, examples: dict[str, Path]) -> None:
     with Runtime(cache_dir=tmp_path / "cache", workers=1, queue_size=0) as runtime:
         spin = runtime.http_executor(
