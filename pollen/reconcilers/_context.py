@@ -150,6 +150,33 @@ class Context:
             data["spec"] = _merge_patch(data.get("spec") or {}, spec)
         return self._apply(current, data)
 
+    def apply(self, manifest: Mapping[str, Any]) -> Resource:
+        """Create or update an object from a manifest, as ``pctl apply`` would: the manifest
+        declares labels, annotations and spec; status and the system's metadata stay. Returns
+        the object as it now is; an apply that changes nothing writes nothing.
+
+        Raises :class:`pollen.state.StoreError` when the manifest is not a valid object.
+        """
+        self._check_thread()
+        try:
+            wanted = from_dict(dict(manifest))
+        except (ValidationError, ValueError) as exc:
+            raise StoreError(f"the manifest is not a valid object: {exc}") from exc
+        outcome = self._store.apply([wanted])
+        return outcome[0].object
+
+    def delete(self, kind: str, name: str) -> Resource | None:
+        """Delete an object: at once, or, if it has finalizers, mark it for deletion. Returns
+        the object as marked, or None if it is gone (or was already)."""
+        self._check_thread()
+        if self._store.get(kind, name) is None:
+            return None
+        try:
+            deleted = self._store.delete(kind, name)
+        except NotFound:
+            return None
+        return deleted if deleted.metadata.finalizers else None
+
     def add_finalizer(self, kind: str, name: str, finalizer: str) -> Resource:
         """Add ``finalizer`` to the object, so that deleting it only marks it (sets
         ``metadata.deletionTimestamp``) until :meth:`remove_finalizer` takes the finalizer off:

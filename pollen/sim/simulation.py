@@ -30,9 +30,11 @@ from pollen.mesh import wire
 from pollen.mesh.membership import SwimConfig
 from pollen.mesh.sync import GossipConfig, heads_digest
 from pollen.mesh.topology import TopologyConfig
+from pollen.reconcilers.placement import NodeFacts, PlacementConfig, Weights
 from pollen.sim.events import EventQueue
 from pollen.sim.network import Network, NetworkConfig, NetworkStats
 from pollen.sim.node import GOSSIP, SimNode, StaticView
+from pollen.sim.placement import ClaimLog, SimPlacement
 
 __all__ = ["Simulation", "TrafficReport", "Watch"]
 
@@ -124,6 +126,7 @@ class Simulation:
         self.nodes: dict[str, SimNode] = {}
         self._watches: list[Watch] = []
         self._wake_at: dict[str, float] = {}
+        self._placements: dict[str, SimPlacement] = {}
         for name in self.names:
             node = SimNode(
                 name,
@@ -208,6 +211,33 @@ class Simulation:
             other.members_changed()
             self._after(other)
 
+    # --- placement -----------------------------------------------------------------------------
+
+    def enable_placement(
+        self,
+        facts: Mapping[str, NodeFacts],
+        *,
+        config: PlacementConfig | None = None,
+        weights: Weights | None = None,
+    ) -> ClaimLog:
+        """Run placement on every node from now on (:mod:`pollen.sim.placement`); ``facts``
+        gives each node's capacity and labels. Returns the log of every claim change."""
+        log = ClaimLog()
+        for name, node in self.nodes.items():
+            self._placements[name] = SimPlacement(node, facts, log, config=config, weights=weights)
+        return log
+
+    def replicas(self, node: str, workload: str) -> dict[str, str]:
+        """The Replicas of ``workload`` in ``node``'s document: replica name -> holding node."""
+        document = self.nodes[node].document
+        held = {}
+        for name in document.names("Replica"):
+            data = document.read("Replica", name) or {}
+            spec = data.get("spec") or {}
+            if spec.get("workload") == workload:
+                held[name] = str(spec.get("node"))
+        return held
+
     # --- the document --------------------------------------------------------------------------
 
     def write(self, node: str, kind: str, name: str, obj: Mapping[str, Any]) -> None:
@@ -271,6 +301,9 @@ class Simulation:
     def _after(self, node: SimNode) -> None:
         """Send what ``node`` has to send, and make sure it wakes at its next deadline."""
         now = self.now
+        placement = self._placements.get(node.name)
+        if placement is not None and node.alive:
+            placement.run(now)
         for dst, channel, payload in node.drain():
             target = self.nodes.get(dst)
             arrival = self.network.send(
@@ -279,6 +312,8 @@ class Simulation:
             if arrival is not None:
                 self.queue.schedule(arrival, self._deliverer(node.name, dst, channel, payload))
         deadline = node.next_deadline()
+        if placement is not None:
+            deadline = min(deadline, placement.next_deadline())
         scheduled = self._wake_at.get(node.name)
         if scheduled is None or deadline < scheduled or scheduled < now:
             self._wake_at[node.name] = deadline

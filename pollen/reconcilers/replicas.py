@@ -1,0 +1,126 @@
+"""The built-in runtime reconciler: runs this node's Replicas, and stops what is no longer one.
+
+For each Replica this node holds (``spec.node`` is this node), it makes sure an instance runs:
+the artifact is fetched if this node lacks it (digest verified by the fetcher), compiled (from
+the module cache when warm), started; the Replica's ``status.phase`` and ``Ready`` condition
+follow the instance. An instance whose Replica is gone, marked for deletion, or now held
+elsewhere is drained and stopped. Instance phase changes come back through
+:class:`~pollen.runtime.host.InstanceHost`'s callback, so a crash is seen at once.
+
+Phases are written to the document only when they change: a handful of writes per replica
+lifetime, as SPEC section 5 wants of what goes there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from pollen.reconcilers import Context, Request, Result, TemporaryError
+from pollen.resources.models import ConditionStatus, Replica, ReplicaPhase, Workload
+from pollen.runtime.host import HostedInstance, InstanceHost
+
+__all__ = ["EnsureArtifact", "HasArtifact", "ReplicaRunner"]
+
+
+HasArtifact = Callable[[str], bool]
+"""Whether this node's store holds a digest."""
+EnsureArtifact = Callable[[str], Awaitable[Path]]
+"""The local path of a digest's bytes, fetched from a holder first when needed."""
+
+
+class ReplicaRunner:
+    """Runs the Replicas this node holds (built in, enabled on every node)."""
+
+    name = "runtime"
+    kind = "Replica"
+
+    def __init__(self, host: InstanceHost, *, has: HasArtifact, ensure: EnsureArtifact) -> None:
+        self._host = host
+        self._has = has
+        self._ensure = ensure
+
+    async def reconcile(self, request: Request, context: Context) -> Result:
+        replica = context.get("Replica", request.name)
+        hosted = self._host.get(request.name)
+        if (
+            not isinstance(replica, Replica)
+            or replica.spec.node != context.node_name
+            or replica.metadata.deletion_timestamp is not None
+        ):
+            if hosted is not None:
+                await self._host.stop(request.name)
+                context.record_event("Replica", request.name, "Stopped", "instance drained")
+            return Result.done()
+        workload = context.get("Workload", replica.spec.workload)
+        if not isinstance(workload, Workload):
+            return Result.done()  # placement withdraws a Replica whose Workload is gone
+        if hosted is not None and (
+            hosted.digest != replica.spec.artifact
+            or hosted.generation != replica.spec.workload_generation
+        ):
+            # Claims are per generation, so this is a Replica name reused: start afresh.
+            await self._host.stop(request.name)
+            hosted = None
+        if hosted is None:
+            hosted = await self._start(replica, workload, context)
+        self._report(replica, hosted, context)
+        return Result.done()
+
+    async def _start(
+        self, replica: Replica, workload: Workload, context: Context
+    ) -> HostedInstance:
+        digest = replica.spec.artifact
+        if not digest:
+            raise TemporaryError(f"replica {replica.name} names no artifact yet")
+        hosted = self._host.create(
+            replica.name,
+            workload.name,
+            replica.spec.workload_generation,
+            digest,
+            workload.spec,
+        )
+        try:
+            if not self._has(digest):
+                hosted.instance.fetching()
+                self._report(replica, hosted, context)
+            path = await self._ensure(digest)
+            wasm = await asyncio.to_thread(path.read_bytes)
+        except Exception as exc:
+            await self._host.stop(replica.name)
+            context.update_status(
+                "Replica",
+                replica.name,
+                {"phase": ReplicaPhase.PENDING.value, "node": context.node_name,
+                 "message": f"cannot get artifact {digest}: {exc}"},
+            )  # fmt: skip
+            raise TemporaryError(f"cannot get artifact {digest}: {exc}") from exc
+        await hosted.instance.start(wasm, digest=digest)
+        context.record_event(
+            "Replica",
+            replica.name,
+            "Started" if hosted.phase is ReplicaPhase.READY else "StartFailed",
+            f"instance of {workload.name} on {context.node_name} is {hosted.phase}",
+            warning=hosted.phase is not ReplicaPhase.READY,
+        )
+        return hosted
+
+    def _report(self, replica: Replica, hosted: HostedInstance, context: Context) -> None:
+        """Write the instance's phase, and the Ready condition, when they changed."""
+        last = hosted.instance.lifecycle.current
+        message = last.message
+        context.update_status(
+            "Replica",
+            replica.name,
+            {"phase": hosted.phase.value, "node": context.node_name, "message": message},
+        )
+        ready = hosted.phase is ReplicaPhase.READY
+        context.set_condition(
+            "Replica",
+            replica.name,
+            "Ready",
+            ConditionStatus.TRUE if ready else ConditionStatus.FALSE,
+            reason=last.reason or str(hosted.phase),
+            message=message,
+        )

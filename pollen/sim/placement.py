@@ -1,0 +1,168 @@
+"""Placement in the simulation: each simulated node runs the placement decision.
+
+Each node calls :func:`pollen.reconcilers.placement.decide`.
+
+The same decision code as a real node's placement reconciler, fed from the node's own document
+(Workloads and Replicas as JSON, validated with the resource models) and from its membership
+view (who is alive), with node capacities and labels from a table the test gives. Claims and
+withdrawals are written into the node's document and gossiped like any write.
+
+Modelled, not run: the runtime. A claim is written with its replica already Ready (an instance
+starts in the time a claim takes to gossip), which is what placement needs to see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from pollen.mesh.wire import MemberState
+from pollen.reconcilers.placement import (
+    Claim,
+    NodeFacts,
+    PlacementConfig,
+    Placer,
+    Weights,
+    WorkloadView,
+    usage_by_node,
+)
+from pollen.resources.models import ReplicaPhase, WorkloadSpec
+from pollen.sim.node import SimNode
+
+__all__ = ["ClaimLog", "SimPlacement"]
+
+
+@dataclass
+class ClaimLog:
+    """Every claim and withdrawal in a simulation, with its virtual time."""
+
+    #: (time, node, workload, replica name, +1 for a claim or -1 for a withdrawal)
+    changes: list[tuple[float, str, str, str, int]] = field(default_factory=list)
+
+    def count(self, workload: str, since: float = 0.0) -> int:
+        """Claim changes of ``workload`` from ``since`` on."""
+        return sum(1 for t, _, w, _, _ in self.changes if w == workload and t >= since)
+
+    def last(self, workload: str) -> float | None:
+        """When ``workload``'s claims last changed."""
+        times = [t for t, _, w, _, _ in self.changes if w == workload]
+        return max(times) if times else None
+
+
+class SimPlacement:
+    """The placement reconciler of one simulated node."""
+
+    def __init__(
+        self,
+        node: SimNode,
+        facts: Mapping[str, NodeFacts],
+        log: ClaimLog,
+        *,
+        config: PlacementConfig | None = None,
+        weights: Weights | None = None,
+    ) -> None:
+        self.node = node
+        self.facts = facts
+        self.log = log
+        self._placer = Placer(weights=weights, config=config)
+        self._wake: float = float("inf")
+        self._seen: tuple[bytes, ...] = ()
+        self._alive: frozenset[str] = frozenset()
+
+    def next_deadline(self) -> float:
+        return self._wake
+
+    def alive(self) -> frozenset[str]:
+        """The nodes alive (or only suspected) in this node's membership view."""
+        membership = self.node.membership
+        if membership is None:
+            return frozenset({self.node.name})
+        return frozenset(
+            name
+            for name, member in membership.members().items()
+            if member.state in (MemberState.ALIVE, MemberState.SUSPECT)
+        )
+
+    def run(self, now: float) -> None:
+        """Decide for every Workload if the document, the view or a deadline asks for it."""
+        heads = tuple(self.node.document.heads())
+        alive = self.alive()
+        if heads == self._seen and alive == self._alive and now < self._wake:
+            return
+        self._wake = float("inf")
+        document = self.node.document
+        workloads = {n: document.read("Workload", n) for n in document.names("Workload")}
+        replicas = [r for n in document.names("Replica") if (r := document.read("Replica", n))]
+        specs: dict[str, WorkloadSpec] = {}
+        for name, data in workloads.items():
+            try:
+                specs[name] = WorkloadSpec.model_validate((data or {}).get("spec"))
+            except ValidationError:
+                continue
+        claims = [c for r in replicas if (c := _claim(r)) is not None]
+        nodes = {name: self.facts[name] for name in sorted(alive) if name in self.facts}
+        usage = usage_by_node(claims, specs, nodes)
+        for name in sorted(specs):
+            data = workloads[name] or {}
+            generation = int(data.get("metadata", {}).get("generation", 1))
+            artifact = specs[name].artifact
+            view = WorkloadView(
+                name, specs[name], generation, artifact if artifact.startswith("sha256:") else None
+            )
+            decision = self._placer.decide(
+                self.node.name, view, [c for c in claims if c.workload == name], nodes, usage, now
+            )
+            for replica in decision.withdraw:
+                self.node.document.remove("Replica", replica)
+                self.log.changes.append((now, self.node.name, name, replica, -1))
+            for new in decision.claim:
+                self.node.document.write("Replica", new.name, _replica(new.name, name,
+                                                                       generation, artifact,
+                                                                       self.node.name,
+                                                                       new.score))  # fmt: skip
+                self.log.changes.append((now, self.node.name, name, new.name, +1))
+            if decision.withdraw or decision.claim:
+                self.node.gossip.on_local_change(now)
+            if decision.requeue_after is not None:
+                self._wake = min(self._wake, now + decision.requeue_after)
+        self._seen = tuple(self.node.document.heads())
+        self._alive = alive
+
+
+def _claim(data: Mapping[str, Any]) -> Claim | None:
+    spec = data.get("spec") or {}
+    meta = data.get("metadata") or {}
+    node, workload = spec.get("node"), spec.get("workload")
+    if not isinstance(node, str) or not isinstance(workload, str):
+        return None
+    phase = (data.get("status") or {}).get("phase", "Pending")
+    return Claim(
+        name=str(meta.get("name")),
+        workload=workload,
+        node=node,
+        score=float(spec.get("score", 0.0)),
+        generation=int(spec.get("workloadGeneration", 0)),
+        phase=ReplicaPhase(phase),
+        deleting=meta.get("deletionTimestamp") is not None,
+    )
+
+
+def _replica(
+    name: str, workload: str, generation: int, artifact: str, node: str, score: float
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "pollen.dev/v1alpha1",
+        "kind": "Replica",
+        "metadata": {"name": name},
+        "spec": {
+            "workload": workload,
+            "workloadGeneration": generation,
+            "artifact": artifact,
+            "node": node,
+            "score": score,
+        },
+        "status": {"phase": "Ready", "node": node},
+    }
