@@ -156,8 +156,8 @@ class HostContext:
     #: What fd 0 reads, and how far it has been read.
     stdin: bytes = b""
     stdin_offset: int = 0
-    #: The instance's exported memory as the C API's ``wasmtime_memory_t`` (see
-    #: ``capi``), once known: looking it up through the caller costs a call per host call.
+    #: The instance's exported memory as ``capi.Store.memory`` gives it, once known:
+    #: looking it up through the caller costs calls into wasmtime per host call.
     memory: Any = None
 
 

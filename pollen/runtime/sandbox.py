@@ -44,6 +44,7 @@ OOM_MARGIN_FRACTION = 0.125
 OOM_MARGIN_MIN = 2 * MIB
 
 OutputSink = Callable[[bytes], None]
+_NO_ENV = capi.Environ(capi.Strings(), capi.Strings())
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class Sandbox:
         self,
         *,
         args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | capi.Environ | None = None,
         stdin: bytes = b"",
         limits: Limits | None = None,
         stdout: OutputSink | None = None,
@@ -202,11 +203,12 @@ class Sandbox:
     ) -> RunResult:
         """Instantiate the module in a fresh store and run ``_start`` to the end.
 
-        ``stdout``/``stderr`` given: output is streamed there (on this thread, as the module
-        writes it); otherwise it is captured (stdout up to ``limits.max_output_bytes``, stderr up to
-        1 MiB). Returns a ``RunResult`` for a module that returned or called ``proc_exit``;
-        raises ``Timeout``, ``MemoryLimitExceeded``, ``InstanceTrapped`` or
-        ``FuelExhausted`` otherwise.
+        ``env`` is a mapping, or one encoded ahead (``capi.Environ``, what the http
+        executor passes). ``stdout``/``stderr`` given: output is streamed there (on this
+        thread, as the module writes it); otherwise it is captured (stdout up to
+        ``limits.max_output_bytes``, stderr up to 1 MiB). Returns a ``RunResult`` for a
+        module that returned or called ``proc_exit``; raises ``Timeout``,
+        ``MemoryLimitExceeded``, ``InstanceTrapped`` or ``FuelExhausted`` otherwise.
         """
         limits = limits or Limits()
         engine = self.engine
@@ -216,8 +218,8 @@ class Sandbox:
         context.stdout, context.stderr = out, err
         context.stdin, context.stdin_offset = bytes(stdin), 0
         argv = self._argv(tuple(args))
-        names = capi.encode(list(env)) if env else []
-        values = capi.encode(list(env.values())) if env else []
+        if not isinstance(env, capi.Environ):
+            env = capi.Environ.of(env) if env else _NO_ENV
         fuel = None
         if engine.config.fuel:
             fuel = limits.fuel if limits.fuel is not None else (1 << 63) - 1
@@ -227,7 +229,7 @@ class Sandbox:
         memory_bytes = 0
         try:
             store.limit(limits.memory_bytes, engine.deadline_ticks(limits.timeout_ms), fuel)
-            store.set_wasi(argv, capi.Strings(names), capi.Strings(values))
+            store.set_wasi(argv, env)
             try:
                 with abi.active(context):
                     store.instantiate(self._pre_address)
@@ -263,7 +265,7 @@ class Sandbox:
         """``argv`` for these arguments, encoded once: executors pass the same each time."""
         cached = self._argv_cache.get(args)
         if cached is None:
-            cached = capi.Strings(capi.encode([self.name, *args]))
+            cached = capi.Strings([self.name, *args])
             if len(self._argv_cache) < 64:
                 self._argv_cache[args] = cached
         return cached

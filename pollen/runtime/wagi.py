@@ -109,45 +109,74 @@ def _header_variable(name: str) -> str | None:
     return "HTTP_" + name.upper().replace("-", "_")
 
 
-def cgi_environ(
-    request: HttpRequest, workload_env: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The environment a WAGI module sees for ``request``: the Workload's own ``env`` first,
-    then the CGI variables, which win where names collide."""
-    path_info = unquote(request.path, errors="replace")
-    if "\x00" in path_info or not request.path.startswith("/"):
+#: The CGI variables set from each request, in the order ``request_values`` gives them: the
+#: first ``SERVER_VARIABLES`` depend only on where the request arrived (and rarely change),
+#: the rest on the request itself.
+CGI_VARIABLES = (
+    "GATEWAY_INTERFACE",
+    "SERVER_SOFTWARE",
+    "SERVER_PROTOCOL",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "SCRIPT_NAME",
+    "X_MATCHED_ROUTE",
+    "REQUEST_METHOD",
+    "PATH_INFO",
+    "PATH_TRANSLATED",
+    "X_RAW_PATH_INFO",
+    "QUERY_STRING",
+    "REMOTE_ADDR",
+    "REMOTE_HOST",
+    "CONTENT_TYPE",
+    "CONTENT_LENGTH",
+    "X_FULL_URL",
+)
+SERVER_VARIABLES = 7
+_CGI_VARIABLE_SET = frozenset(CGI_VARIABLES)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def request_values(request: HttpRequest) -> list[str]:
+    """The values of ``CGI_VARIABLES`` for ``request``, in that order.
+
+    Raises ``BadRequest`` for a path that does not start with ``/`` or decodes to NUL.
+    """
+    raw_path = request.path
+    path_info = unquote(raw_path, errors="replace") if "%" in raw_path else raw_path
+    if "\x00" in path_info or not raw_path.startswith("/"):
         raise BadRequest("the request path must start with / and must not contain NUL")
-    env = {key: _clean(value) for key, value in (workload_env or {}).items()}
-    query = f"?{request.query}" if request.query else ""
-    default_port = {"http": 80, "https": 443}.get(request.scheme)
+    query = request.query
+    server_name = request.server_name
+    port = request.server_port
     host_port = (
-        request.server_name
-        if request.server_port == default_port
-        else f"{request.server_name}:{request.server_port}"
+        server_name if port == _DEFAULT_PORTS.get(request.scheme) else f"{server_name}:{port}"
     )
+    script_name = request.script_name
     content_type = request.header("content-type") or ""
-    env.update(
-        {
-            "GATEWAY_INTERFACE": "CGI/1.1",
-            "SERVER_SOFTWARE": SERVER_SOFTWARE,
-            "SERVER_PROTOCOL": request.protocol,
-            "SERVER_NAME": request.server_name,
-            "SERVER_PORT": str(request.server_port),
-            "REQUEST_METHOD": request.method.upper(),
-            "SCRIPT_NAME": request.script_name,
-            "PATH_INFO": path_info,
-            "PATH_TRANSLATED": path_info,
-            "X_RAW_PATH_INFO": request.path,
-            "QUERY_STRING": request.query,
-            "REMOTE_ADDR": request.remote_addr,
-            "REMOTE_HOST": request.remote_addr,
-            "CONTENT_TYPE": _clean(content_type),
-            "CONTENT_LENGTH": str(len(request.body)),
-            "X_MATCHED_ROUTE": request.script_name or "/",
-            "X_FULL_URL": f"{request.scheme}://{host_port}{request.script_name}"
-            f"{request.path}{query}",
-        }
-    )
+    remote = request.remote_addr
+    return [
+        "CGI/1.1",
+        SERVER_SOFTWARE,
+        request.protocol,
+        server_name,
+        str(port),
+        script_name,
+        script_name or "/",
+        request.method.upper(),
+        path_info,
+        path_info,
+        raw_path,
+        query,
+        remote,
+        remote,
+        _clean(content_type),
+        str(len(request.body)),
+        f"{request.scheme}://{host_port}{script_name}{raw_path}{'?' if query else ''}{query}",
+    ]
+
+
+def header_variables(request: HttpRequest) -> dict[str, str]:
+    """The ``HTTP_*`` variables for ``request``'s headers (repeated ones joined)."""
     headers: dict[str, str] = {}
     for name, value in request.headers:
         variable = _header_variable(name)
@@ -160,8 +189,40 @@ def cgi_environ(
             headers[variable] = f"{headers[variable]}{joiner}{value}"
         else:
             headers[variable] = value
-    env.update(headers)
+    return headers
+
+
+def cgi_environ(
+    request: HttpRequest, workload_env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment a WAGI module sees for ``request``: the Workload's own ``env`` first,
+    then the CGI variables, then the ``HTTP_*`` ones, each winning where names collide."""
+    env = {key: _clean(value) for key, value in (workload_env or {}).items()}
+    env.update(zip(CGI_VARIABLES, request_values(request), strict=True))
+    env.update(header_variables(request))
     return env
+
+
+class CgiTemplate:
+    """``cgi_environ`` for one workload, split into what never changes and what each request
+    sets, so that the first part is prepared once (``capi.Strings.plus`` then encodes only
+    the second).
+
+    ``fixed`` is the Workload's ``env`` without the names a request always sets; the CGI
+    variables follow in ``CGI_VARIABLES`` order, then the request's ``HTTP_*``. Together they
+    hold the same variables as ``cgi_environ``, with no name twice.
+    """
+
+    def __init__(self, workload_env: Mapping[str, str] | None = None) -> None:
+        env = {key: _clean(value) for key, value in (workload_env or {}).items()}
+        self.workload_env = env
+        self.fixed = {key: value for key, value in env.items() if key not in _CGI_VARIABLE_SET}
+
+    def shadows(self, headers: Mapping[str, str]) -> bool:
+        """Whether any of these ``HTTP_*`` variables also names one of ``fixed`` (rare: then
+        the fixed part is not fixed for this request, and ``cgi_environ`` applies)."""
+        fixed = self.fixed
+        return any(name in fixed for name in headers) if fixed else False
 
 
 def _split_head(output: bytes) -> tuple[bytes, bytes] | None:
@@ -186,49 +247,75 @@ def parse_cgi_output(output: bytes, *, workload: str = "") -> HttpResponse:
     Raises ``MalformedResponse`` when there is no header block, a header line is not
     ``Name: value``, or ``Status`` is not a number between 100 and 599.
     """
-    label = f'workload "{workload}"' if workload else "the workload"
-    if not output:
-        raise MalformedResponse(f"{label} wrote nothing to stdout", workload=workload)
-    split = _split_head(output)
-    if split is None:
-        raise MalformedResponse(
-            f"{label} wrote no blank line after its headers (WAGI: headers, a blank line, "
-            "then the body)",
-            workload=workload,
-        )
-    head, body = split
+    # The usual output, LF line ends: one partition finds the blank line. A CR before it
+    # could start an earlier CRLF blank line, so that case takes the general split.
+    head, blank, body = output.partition(b"\n\n")
+    if not blank or b"\r" in head:
+        split = _split_head(output)
+        if split is None:
+            raise _no_head(output, workload)
+        head, body = split
     if len(head) > MAX_RESPONSE_HEADER_BYTES:
-        raise MalformedResponse(f"{label} wrote more than 64 KiB of headers", workload=workload)
+        raise MalformedResponse(
+            f"{_label(workload)} wrote more than 64 KiB of headers", workload=workload
+        )
     status: int | None = None
     headers: list[tuple[str, str]] = []
-    for raw in head.split(b"\n"):
-        line = raw.rstrip(b"\r").decode("latin-1")
-        if not line:
-            continue
+    for line in head.decode("latin-1").split("\n"):
         name, sep, value = line.partition(":")
-        name = name.strip()
-        if not sep or not _HEADER_NAME_RE.match(name.replace("_", "-")):
-            raise MalformedResponse(
-                f"{label} wrote a header line that is not 'Name: value': {line[:80]!r}",
-                workload=workload,
-            )
+        if not sep or name not in _KNOWN_GOOD_NAMES:
+            line = line.rstrip("\r")
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            name = name.strip()
+            if not sep or not _HEADER_NAME_RE.match(name.replace("_", "-")):
+                raise MalformedResponse(
+                    f"{_label(workload)} wrote a header line that is not 'Name: value': "
+                    f"{line[:80]!r}",
+                    workload=workload,
+                )
+        lowered = name.lower()
         value = value.strip()
-        if name.lower() == "status":
+        if lowered == "status":
             code = value.split(" ", 1)[0]
             if not code.isdigit() or not 100 <= int(code) <= 599:
                 raise MalformedResponse(
-                    f"{label} wrote a Status header that is not an HTTP status: {value[:40]!r}",
+                    f"{_label(workload)} wrote a Status header that is not an HTTP status: "
+                    f"{value[:40]!r}",
                     workload=workload,
                 )
             status = int(code)
             continue
-        if name.lower() in _SKIPPED_RESPONSE_HEADERS:
+        if lowered in _SKIPPED_RESPONSE_HEADERS:
             continue
         headers.append((name, value))
         if len(headers) > MAX_RESPONSE_HEADERS:
             raise MalformedResponse(
-                f"{label} wrote more than {MAX_RESPONSE_HEADERS} headers", workload=workload
+                f"{_label(workload)} wrote more than {MAX_RESPONSE_HEADERS} headers",
+                workload=workload,
             )
     if status is None:
         status = 302 if any(name.lower() == "location" for name, _ in headers) else 200
     return HttpResponse(status=status, headers=tuple(headers), body=body)
+
+
+#: Header names that need no check (the ones workloads write most); any other is checked
+#: against the token grammar.
+_KNOWN_GOOD_NAMES = frozenset(
+    {"Content-Type", "Status", "Location", "Cache-Control", "Set-Cookie", "Content-Language"}
+)
+
+
+def _label(workload: str) -> str:
+    return f'workload "{workload}"' if workload else "the workload"
+
+
+def _no_head(output: bytes, workload: str) -> MalformedResponse:
+    if not output:
+        return MalformedResponse(f"{_label(workload)} wrote nothing to stdout", workload=workload)
+    return MalformedResponse(
+        f"{_label(workload)} wrote no blank line after its headers (WAGI: headers, a blank "
+        "line, then the body)",
+        workload=workload,
+    )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pollen.runtime.errors import BadRequest, MalformedResponse
+from pollen.runtime.executors import HttpExecutor
+from pollen.runtime.sandbox import Sandbox
 from pollen.runtime.wagi import HttpRequest, cgi_environ, parse_cgi_output
 
 header_names = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True)
@@ -150,3 +154,51 @@ def test_arbitrary_output_never_crashes(output: bytes) -> None:
     except MalformedResponse:
         return
     assert 100 <= response.status <= 599
+
+
+@given(
+    st.lists(st.tuples(header_names, header_values), max_size=6),
+    st.dictionaries(
+        st.sampled_from(["GREETING", "REQUEST_METHOD", "HTTP_X_A", "HTTP_HOST", "PATH_INFO", "K"]),
+        st.text(max_size=10),
+        max_size=4,
+    ),
+    st.sampled_from(["/", "/a%20b", "/caf%C3%A9", "/x/y"]),
+    st.sampled_from(["", "q=1", "a=%00"]),
+)
+def test_the_executors_encoded_environment_is_cgi_environ(
+    headers: list[tuple[str, str]], workload_env: dict[str, str], path: str, query: str
+) -> None:
+    """The http executor encodes the environment in cached parts; the variables must be
+    exactly ``cgi_environ``'s (NUL dropped, as WASI's C strings would end there)."""
+    executor = HttpExecutor("w", cast(Sandbox, None), env=workload_env)
+    request = HttpRequest(
+        path=path,
+        query=query,
+        headers=(("Host", "example.test"), *headers),
+        server_name="example.test",
+        server_port=8080,
+    )
+    for _ in range(2):  # the second time from the caches
+        environ = executor.environ(request)
+        names = [name.decode() for name in environ.names]
+        values = [value.decode() for value in environ.values]
+        assert len(names) == len(set(names))
+        expected = {
+            key.replace("\x00", ""): value.replace("\x00", "")
+            for key, value in cgi_environ(request, workload_env).items()
+        }
+        assert dict(zip(names, values, strict=True)) == expected
+
+
+def test_cr_before_the_first_lf_blank_line() -> None:
+    response = parse_cgi_output(b"X-A: 1\r\n\r\nbody\n\nmore")
+    assert response.header("X-A") == "1"
+    assert response.body == b"body\n\nmore"
+    crlf_later = parse_cgi_output(b"X-A: 1\n\nbody\r\n\r\nmore")
+    assert crlf_later.body == b"body\r\n\r\nmore"
+
+
+def test_a_known_header_name_without_a_colon_is_malformed() -> None:
+    with pytest.raises(MalformedResponse):
+        parse_cgi_output(b"Content-Type\n\nbody")
