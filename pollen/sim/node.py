@@ -100,6 +100,8 @@ class SimNode:
         self._last_choice_at = -MIN_RECHOOSE_INTERVAL
         self._outgoing: list[tuple[str, str, bytes]] = []
         self.decode_errors = 0
+        #: Moves whenever membership reports a change: what depends on the view checks it.
+        self.view_version = 0
 
     # --- the simulation's side ---------------------------------------------------------------
 
@@ -205,6 +207,7 @@ class SimNode:
             # with each sample (Serf also keeps coordinates out of its member tags).
             membership.set_coordinate(self.vivaldi.coordinate)
         for event in membership.drain_events():
+            self.view_version += 1
             member = event.member
             if member.name == self.name:
                 continue

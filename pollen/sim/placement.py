@@ -70,7 +70,10 @@ class SimPlacement:
         self._placer = Placer(weights=weights, config=config)
         self._wake: float = float("inf")
         self._seen: tuple[bytes, ...] = ()
-        self._alive: frozenset[str] = frozenset()
+        self._view_version = -1
+        # What the document holds, parsed; refreshed from the objects each change touched.
+        self._workloads: dict[str, tuple[WorkloadSpec, int]] = {}
+        self._claims: dict[str, Claim] = {}
 
     def next_deadline(self) -> float:
         return self._wake
@@ -89,25 +92,22 @@ class SimPlacement:
     def run(self, now: float) -> None:
         """Decide for every Workload if the document, the view or a deadline asks for it."""
         heads = tuple(self.node.document.heads())
-        alive = self.alive()
-        if heads == self._seen and alive == self._alive and now < self._wake:
+        if (
+            heads == self._seen
+            and self.node.view_version == self._view_version
+            and now < self._wake
+        ):
             return
+        self._view_version = self.node.view_version
+        alive = self.alive()
         self._wake = float("inf")
-        document = self.node.document
-        workloads = {n: document.read("Workload", n) for n in document.names("Workload")}
-        replicas = [r for n in document.names("Replica") if (r := document.read("Replica", n))]
-        specs: dict[str, WorkloadSpec] = {}
-        for name, data in workloads.items():
-            try:
-                specs[name] = WorkloadSpec.model_validate((data or {}).get("spec"))
-            except ValidationError:
-                continue
-        claims = [c for r in replicas if (c := _claim(r)) is not None]
+        self._refresh(heads)
+        specs = {name: spec for name, (spec, _) in self._workloads.items()}
+        claims = list(self._claims.values())
         nodes = {name: self.facts[name] for name in sorted(alive) if name in self.facts}
         usage = usage_by_node(claims, specs, nodes)
         for name in sorted(specs):
-            data = workloads[name] or {}
-            generation = int(data.get("metadata", {}).get("generation", 1))
+            generation = self._workloads[name][1]
             artifact = specs[name].artifact
             view = WorkloadView(
                 name, specs[name], generation, artifact if artifact.startswith("sha256:") else None
@@ -128,8 +128,32 @@ class SimPlacement:
                 self.node.gossip.on_local_change(now)
             if decision.requeue_after is not None:
                 self._wake = min(self._wake, now + decision.requeue_after)
-        self._seen = tuple(self.node.document.heads())
-        self._alive = alive
+        # The heads read, not those after this node's own writes: the next run reads those.
+        self._seen = heads
+
+    def _refresh(self, heads: tuple[bytes, ...]) -> None:
+        document = self.node.document
+        if not self._seen:
+            touched = document.keys()
+        else:
+            touched = document.touched(list(self._seen), list(heads))
+        for kind, name in touched:
+            data = document.read(kind, name)
+            if kind == "Workload":
+                self._workloads.pop(name, None)
+                if data is None:
+                    continue
+                try:
+                    spec = WorkloadSpec.model_validate(data.get("spec"))
+                except ValidationError:
+                    continue
+                generation = int((data.get("metadata") or {}).get("generation", 1))
+                self._workloads[name] = (spec, generation)
+            elif kind == "Replica":
+                self._claims.pop(name, None)
+                claim = _claim(data) if data is not None else None
+                if claim is not None:
+                    self._claims[name] = claim
 
 
 def _claim(data: Mapping[str, Any]) -> Claim | None:
