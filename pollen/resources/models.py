@@ -70,6 +70,42 @@ def _check_digest(value: str) -> str:
     return value
 
 
+class ArtifactReference(StrEnum):
+    """What a Workload's ``spec.artifact`` names (see :func:`artifact_reference`)."""
+
+    DIGEST = "digest"  # sha256:<64 lowercase hex digits>
+    NAME = "name"  # an Artifact's metadata.name
+    PATH = "path"  # a file on the machine running pctl, which pctl apply pushes first
+
+
+def is_local_path(value: str) -> bool:
+    """Whether ``value`` is written as a local path: ``./``, ``../`` or ``/`` first, or
+    ``.wasm`` last (so ``hello.wasm`` is a file, never an Artifact named so)."""
+    return value.startswith(("./", "../", "/")) or value.endswith(".wasm")
+
+
+def artifact_reference(value: str) -> ArtifactReference:
+    """The one rule for what ``spec.artifact`` refers to: a digest, a local path, or an
+    Artifact's name, in that order of precedence. Raises ``ValueError`` for anything else."""
+    if DIGEST_RE.fullmatch(value):
+        return ArtifactReference.DIGEST
+    if value.startswith("sha256:"):
+        raise ValueError("a digest must be sha256: followed by 64 lowercase hex digits")
+    if is_local_path(value):
+        return ArtifactReference.PATH
+    if len(value) <= 253 and _NAME_RE.fullmatch(value):
+        return ArtifactReference.NAME
+    raise ValueError(
+        "must be a sha256: digest, the name of an Artifact, or (in a manifest) a local path "
+        "such as ./hello.wasm"
+    )
+
+
+def _check_artifact_reference(value: str) -> str:
+    artifact_reference(value)
+    return value
+
+
 ObjectName = Annotated[str, AfterValidator(_check_name)]
 Labels = Annotated[dict[str, str], AfterValidator(_check_labels)]
 Digest = Annotated[str, AfterValidator(_check_digest)]
@@ -207,7 +243,11 @@ class Budget(Model):
 
 
 class WorkloadSpec(Model):
-    artifact: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    artifact: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=4096),
+        AfterValidator(_check_artifact_reference),
+    ]
     replicas: Annotated[int, Field(strict=True, ge=0, le=10_000)] | None = None
     min_replicas: Annotated[int, Field(strict=True, ge=0, le=10_000)] | None = None
     max_replicas: Annotated[int, Field(strict=True, ge=0, le=10_000)] | None = None

@@ -85,7 +85,12 @@ replica_counts = st.one_of(
 )
 workload_specs = st.tuples(
     st.fixed_dictionaries(
-        {"artifact": st.one_of(names, digests, st.text(min_size=1, max_size=30))},
+        {
+            # A name, a digest, or a local path (which is any text after "./").
+            "artifact": st.one_of(
+                names, digests, st.text(min_size=1, max_size=30).map(lambda t: "./" + t)
+            )
+        },
         optional={
             "executor": st.sampled_from(["http", "command"]),
             "resources": st.fixed_dictionaries(
