@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -115,6 +115,7 @@ class MeshService:
         load: Callable[[], float] = lambda: 0.0,
         on_member_event: Callable[[MemberEvent], None] | None = None,
         rng: random.Random | None = None,
+        held_artifacts: Callable[[], Sequence[str]] = lambda: (),
     ) -> None:
         self.settings = settings or MeshSettings()
         self.transport = MeshTransport(
@@ -135,6 +136,8 @@ class MeshService:
         self._labels = dict(labels or {})
         self._load = load
         self._on_member_event = on_member_event
+        # Digests this node holds, most relevant first; the first MAX_ARTIFACTS are announced.
+        self._held_artifacts = held_artifacts
         self._rng = rng or random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.vivaldi = VivaldiClient(rng=self._rng)
@@ -173,7 +176,8 @@ class MeshService:
             addresses=(self.address,),
             coordinate=self.vivaldi.coordinate,
             load=max(0.0, min(1.0, self._load())),
-            artifacts=(),
+            # Sorted, so that a change of order alone is not a change worth announcing.
+            artifacts=tuple(sorted(self._held_artifacts()[: wire.MAX_ARTIFACTS])),
             labels=tuple(sorted(self._labels.items()))[:16],
         )
 
@@ -266,6 +270,12 @@ class MeshService:
         if self.gossip is not None and self._loop is not None:
             self.gossip.on_local_change(self._now())
             self._flush()
+
+    def meta_changed(self) -> None:
+        """Something this node announces (the artifacts it holds) changed: announce it now
+        rather than at the next periodic refresh."""
+        self._next_meta = 0.0
+        self._wake.set()
 
     def handle_streams(self, kind: str, handler: StreamHandler) -> None:
         """Serve incoming streams of ``kind``, direct or relayed, with ``handler``."""
