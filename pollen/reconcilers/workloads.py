@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pollen.reconcilers import Context, Request, Result
+from pollen.reconcilers.eviction import MEMORY_PRESSURE
 from pollen.reconcilers.placement import (
     Claim,
     Decision,
@@ -151,7 +152,8 @@ class WorkloadPlacer:
                 memory_mb=node.spec.capacity.memory_mb,
                 cpu_millis=node.spec.capacity.cpu_millis,
                 labels=dict(node.metadata.labels),
-                unschedulable=node.spec.unschedulable,
+                # Cordoned, or shedding load under memory pressure (see eviction.py).
+                unschedulable=node.spec.unschedulable or _under_pressure(node),
                 load=live.load,
                 artifacts=live.artifacts,
                 rtt_to_demand=None,
@@ -246,6 +248,11 @@ class WorkloadPlacer:
                     "Replica", replica.name, "Collected",
                     f"node {holder} has been gone for {self._gc_grace:g}s",
                 )  # fmt: skip
+
+
+def _under_pressure(node: Node) -> bool:
+    pressure = node.condition(MEMORY_PRESSURE)
+    return pressure is not None and pressure.status is ConditionStatus.TRUE
 
 
 def _usage(
