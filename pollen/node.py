@@ -23,7 +23,8 @@ from cryptography import x509
 import pollen
 from pollen.api.proxy import PROXY_STREAM, Channel, NodeProxy, ProxyError
 from pollen.api.server import create_app
-from pollen.mesh import tokens
+from pollen.mesh import tokens, wire
+from pollen.mesh.fetch import ARTIFACT_STREAM, ArtifactFetcher, ArtifactServer
 from pollen.mesh.identity import NodeIdentity, load_credentials, load_identity
 from pollen.mesh.membership import EventKind, MemberEvent, MemberState
 from pollen.mesh.service import MeshService
@@ -37,6 +38,7 @@ from pollen.resources import (
     ObjectMeta,
     set_condition,
 )
+from pollen.runtime.artifacts import ArtifactStore
 from pollen.state import ChangeEvent, ChangeType, ResourceStore
 from pollen.state.events import EventLog, EventType
 
@@ -74,6 +76,8 @@ CERT_SERIAL_ANNOTATION = "pollen.dev/certificate-serial"
 #: removing it: the mark is the revocation, and it must outlive the object's other uses.
 REVOCATION_FINALIZER = "pollen.dev/revocation"
 PEERS_FILE = "peers.json"
+#: Where the node keeps artifacts' bytes, under its data directory (ADR 0012).
+ARTIFACTS_DIR = "artifacts"
 
 
 class PollenNode:
@@ -93,10 +97,17 @@ class PollenNode:
         self._stopping = False
         self.api_url = ""
         self.proxy: NodeProxy | None = None
+        #: The artifacts this node holds, and the fetcher that gets the others from holders
+        #: (both set by :meth:`start`).
+        self.artifacts: ArtifactStore | None = None
+        self.fetcher: ArtifactFetcher | None = None
 
     async def start(self) -> None:
         """Open the document, join the mesh, serve the API, and register this Node as Ready."""
         self.store = ResourceStore.open(self.identity.state_dir, clock=self._clock)
+        # Opened once the document's lock is held: opening deletes unfinished writes, which
+        # must never be those of another node process running on this data directory.
+        artifacts = self.artifacts = ArtifactStore(self.config.data_dir / ARTIFACTS_DIR)
         credentials = load_credentials(self.config.data_dir)
         admitter = None
         if credentials.root_key is not None:
@@ -117,10 +128,20 @@ class PollenNode:
             labels=self.config.labels,
             load=lambda: psutil.cpu_percent(interval=None) / 100.0,
             on_member_event=self._member_event,
+            held_artifacts=lambda: artifacts.recent(wire.MAX_ARTIFACTS),
         )
         await self.mesh.start()
         self.proxy = NodeProxy(self.name, self._open_proxy_channel)
         self.mesh.handle_streams(PROXY_STREAM, self.proxy.serve)
+        self.mesh.handle_streams(ARTIFACT_STREAM, ArtifactServer(artifacts, self.name).serve)
+        self.fetcher = ArtifactFetcher(self.mesh, artifacts)
+        loop = asyncio.get_running_loop()
+
+        def artifacts_changed() -> None:
+            # The store changes from worker threads (fetches, uploads): announce on the loop.
+            loop.call_soon_threadsafe(self._artifacts_changed)
+
+        artifacts.on_change = artifacts_changed
         self._unsubscribe = self.store.subscribe(self._on_change)
         app = create_app(
             self.store,
@@ -129,6 +150,8 @@ class PollenNode:
             node_name=self.name,
             rtt=self.mesh.estimated_rtt,
             proxy=self.proxy,
+            artifacts=artifacts,
+            fetcher=self.fetcher,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -162,6 +185,10 @@ class PollenNode:
         if self.reconcilers is not None:
             await self.reconcilers.stop()
             self.reconcilers = None
+        if self.artifacts is not None:
+            self.artifacts.on_change = None
+        if self.fetcher is not None:
+            await self.fetcher.close()
         if self.store is not None:
             try:
                 self._register(ready=False)
@@ -182,6 +209,10 @@ class PollenNode:
                 self.store.close()
                 self.store = None
         (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
+
+    def _artifacts_changed(self) -> None:
+        if self.mesh is not None and not self._stopping:
+            self.mesh.meta_changed()
 
     def _store(self) -> ResourceStore:
         assert self.store is not None

@@ -134,6 +134,52 @@ class ApiClient:
         query = {**_event_query(kind, name), "watch": "true"}
         return self._stream(f"{PREFIX}/events", query, None)
 
+    # --- blobs: artifacts' bytes ----------------------------------------------------------
+
+    def put_blob(self, digest: str, data: bytes) -> dict[str, Any]:
+        """Upload ``data`` to the node's artifact store under ``digest`` (which it must hash
+        to); returns ``{"digest", "size"}``."""
+        target = self._target(self._blob_path(digest), None)
+        headers = {"Content-Type": "application/octet-stream"}
+        answer = self._exchange("PUT", target, data, headers)
+        if answer.status >= 400:
+            raise _status_error(answer.status, answer.reason, answer.body, self.server)
+        try:
+            return self._dict(orjson.loads(answer.body))
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(
+                answer.status, "BadResponse", "the node answered with invalid JSON"
+            ) from exc
+
+    def blob_size(self, digest: str) -> int | None:
+        """The size of ``digest`` if the node holds it itself, else None (nothing is fetched)."""
+        answer = self._exchange("HEAD", self._target(self._blob_path(digest), None), None, {})
+        if answer.status == 404:
+            return None
+        if answer.status >= 400:
+            raise _status_error(answer.status, answer.reason, answer.body, self.server)
+        length = answer.headers.get("Content-Length")
+        return int(length) if length is not None and length.isdigit() else None
+
+    def get_blob(self, digest: str) -> RawResponse:
+        """The bytes of ``digest``, which the node fetches from a holder first if it must.
+
+        The answer is returned as it is when it succeeded (``headers`` tell where it was
+        fetched from, ``Pollen-Fetched-From``); a failure raises ``ApiError``.
+        """
+        answer = self._exchange("GET", self._target(self._blob_path(digest), None), None, {})
+        if answer.status >= 400:
+            raise _status_error(answer.status, answer.reason, answer.body, self.server)
+        return answer
+
+    def list_blobs(self) -> Items:
+        """The blobs the node holds: ``{"digest", "size"}`` each."""
+        return self._items(self._request("GET", f"{PREFIX}/blobs"))
+
+    @staticmethod
+    def _blob_path(digest: str) -> str:
+        return f"{PREFIX}/blobs/{quote(digest, safe=':')}"
+
     # --- plumbing ---------------------------------------------------------------------------
 
     def _path(self, kind_plural: str, name: str | None = None) -> str:

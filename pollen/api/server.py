@@ -8,6 +8,7 @@ sends can stop the node from serving the next request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,13 +19,26 @@ from aiohttp import web
 
 from pollen.api.errors import ApiError
 from pollen.api.proxy import PROXIED_HEADER, NodeProxy
+from pollen.mesh.fetch import ArtifactFetcher, ArtifactUnavailable
 from pollen.resources import (
     API_VERSION,
     KIND_MODELS,
     InvalidResource,
     Resource,
+    Workload,
     to_dict,
     validate_object,
+)
+from pollen.resources.models import is_local_path
+from pollen.runtime.artifacts import (
+    CHUNK_BYTES,
+    ArtifactNotFound,
+    ArtifactStore,
+    ArtifactTooLarge,
+    CorruptArtifact,
+    DigestMismatch,
+    InvalidDigest,
+    digest_hex,
 )
 from pollen.state import ChangeEvent, Conflict, NotFound, ResourceStore, StoreError
 from pollen.state.events import Event, EventLog
@@ -47,6 +61,10 @@ NODE_NAME_KEY = web.AppKey("node_name", str)
 RttEstimate = Callable[[str], float | None]
 RTT_KEY: web.AppKey[RttEstimate] = web.AppKey("rtt")
 PROXY_KEY: web.AppKey[NodeProxy | None] = web.AppKey("proxy")
+ARTIFACTS_KEY: web.AppKey[ArtifactStore | None] = web.AppKey("artifacts")
+FETCHER_KEY: web.AppKey[ArtifactFetcher | None] = web.AppKey("fetcher")
+#: Names the node a blob was fetched from when a GET had to fetch it first.
+FETCHED_FROM_HEADER = "Pollen-Fetched-From"
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -188,7 +206,16 @@ def _validate_items(payload: Any) -> list[Resource]:
     resources: list[Resource] = []
     for index, item in enumerate(items):
         try:
-            resources.append(validate_object(item))
+            resource = validate_object(item)
+            if isinstance(resource, Workload) and is_local_path(resource.spec.artifact):
+                # Only pctl, on the machine that has the file, can push it (ADR 0012).
+                raise InvalidResource(
+                    f"{resource.spec.artifact[:200]!r} is a local path; pctl apply pushes the "
+                    "file and puts its digest here",
+                    field="spec.artifact",
+                    loc=("spec", "artifact"),
+                )
+            resources.append(resource)
         except InvalidResource as exc:
             where = f"items[{index}]"
             if isinstance(item, dict):
@@ -367,6 +394,123 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     return await proxy.forward(request, name, tail or "/")
 
 
+# --- blobs: artifacts' bytes in this node's store (ADR 0012) --------------------------------
+
+
+def _artifact_store(request: web.Request) -> ArtifactStore:
+    store = request.app[ARTIFACTS_KEY]
+    if store is None:
+        raise ApiError(503, "ServiceUnavailable", "this node has no artifact store")
+    return store
+
+
+def _blob_digest(request: web.Request) -> str:
+    digest = request.match_info["digest"]
+    try:
+        digest_hex(digest)
+    except InvalidDigest as exc:
+        raise ApiError(400, "BadRequest", str(exc)) from None
+    return digest
+
+
+def _blob_body(digest: str, size: int) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "Blob", "digest": digest, "size": size}
+
+
+async def _list_blobs(request: web.Request) -> web.Response:
+    """``GET blobs``: the digests this node holds, with their sizes."""
+    store = _artifact_store(request)
+    items = []
+    for digest in await asyncio.to_thread(store.digests):
+        with contextlib.suppress(ArtifactNotFound):  # deleted since the listing
+            items.append({"digest": digest, "size": store.size(digest)})
+    return _json_response(_list_body(items, kind="BlobList"))
+
+
+async def _put_blob(request: web.Request) -> web.Response:
+    """``PUT blobs/DIGEST``: store the body under DIGEST, if it hashes to it."""
+    store = _artifact_store(request)
+    digest = _blob_digest(request)
+    length = request.content_length
+    if length is not None and length > store.max_size:
+        raise ApiError(
+            413, "RequestEntityTooLarge", f"a blob of {length} bytes is over {store.max_size}"
+        )
+    existed = store.has(digest)
+    writer = await asyncio.to_thread(store.writer, digest)
+    try:
+        pending = bytearray()
+        async for data in request.content.iter_chunked(CHUNK_BYTES):
+            pending += data
+            if len(pending) >= CHUNK_BYTES:
+                await asyncio.to_thread(writer.write, bytes(pending))
+                pending.clear()
+        await asyncio.to_thread(writer.write, bytes(pending))
+        await asyncio.to_thread(writer.commit)
+    except ArtifactTooLarge:
+        raise ApiError(
+            413, "RequestEntityTooLarge", f"a blob over {store.max_size} bytes is refused"
+        ) from None
+    except DigestMismatch as exc:
+        raise ApiError(400, "BadRequest", f"the body does not match the digest: {exc}") from None
+    finally:
+        if writer.digest is None:
+            await asyncio.to_thread(writer.abort)
+    return _json_response(_blob_body(digest, writer.written), status=200 if existed else 201)
+
+
+async def _head_blob(request: web.Request) -> web.Response:
+    """``HEAD blobs/DIGEST``: whether this node holds DIGEST (no fetch, no hashing)."""
+    store = _artifact_store(request)
+    digest = _blob_digest(request)
+    try:
+        size = store.size(digest)
+    except ArtifactNotFound:
+        return web.Response(status=404)
+    return web.Response(headers={"Content-Length": str(size), "ETag": f'"{digest}"'})
+
+
+async def _get_blob(request: web.Request) -> web.StreamResponse:
+    """``GET blobs/DIGEST``: the bytes, fetched from a holder in the swarm first if needed."""
+    store = _artifact_store(request)
+    digest = _blob_digest(request)
+    headers = {"Content-Type": "application/octet-stream", "ETag": f'"{digest}"'}
+    if not await asyncio.to_thread(store.verify, digest):
+        fetcher = request.app[FETCHER_KEY]
+        if fetcher is None:
+            raise ApiError(404, "NotFound", f"this node does not hold {digest}")
+        try:
+            await fetcher.ensure(digest)
+        except ArtifactUnavailable as exc:
+            if not exc.attempts:
+                raise ApiError(404, "NotFound", str(exc)) from None
+            raise ApiError(502, "BadGateway", str(exc)) from None
+        source = next((r for r in reversed(fetcher.history) if r.digest == digest), None)
+        if source is not None:
+            headers[FETCHED_FROM_HEADER] = source.holder
+    try:
+        reader = await asyncio.to_thread(store.open, digest)
+    except ArtifactNotFound:
+        raise ApiError(404, "NotFound", f"this node does not hold {digest}") from None
+    try:
+        response = web.StreamResponse(headers={**headers, "Content-Length": str(reader.size)})
+        await response.prepare(request)
+        try:
+            while (chunk := await asyncio.to_thread(reader.next_chunk)) is not None:
+                await response.write(chunk)
+        except CorruptArtifact as exc:
+            # Too late for an error status: cut the connection, so that the client sees a
+            # short body rather than a complete one.
+            log.warning("serving a blob: %s", exc)
+            if request.transport is not None:
+                request.transport.close()
+            raise ConnectionResetError(str(exc)) from None
+        await response.write_eof()
+        return response
+    finally:
+        reader.close()
+
+
 def create_app(
     store: ResourceStore,
     events: EventLog,
@@ -375,6 +519,8 @@ def create_app(
     node_name: str,
     rtt: RttEstimate | None = None,
     proxy: NodeProxy | None = None,
+    artifacts: ArtifactStore | None = None,
+    fetcher: ArtifactFetcher | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``docs/api.md`` for one node."""
     if not token:
@@ -386,9 +532,16 @@ def create_app(
     app[NODE_NAME_KEY] = node_name
     app[RTT_KEY] = rtt or (lambda _name: None)
     app[PROXY_KEY] = proxy
+    app[ARTIFACTS_KEY] = artifacts
+    app[FETCHER_KEY] = fetcher
     app.router.add_get("/healthz", _healthz)
     app.router.add_get(f"{PREFIX}/events", _events)
     app.router.add_post(f"{PREFIX}/apply", _apply)
+    # Before {plural}: "blobs" is not a resource kind.
+    app.router.add_get(f"{PREFIX}/blobs", _list_blobs)
+    app.router.add_get(f"{PREFIX}/blobs/{{digest}}", _get_blob, allow_head=False)
+    app.router.add_head(f"{PREFIX}/blobs/{{digest}}", _head_blob)
+    app.router.add_put(f"{PREFIX}/blobs/{{digest}}", _put_blob)
     app.router.add_get(f"{PREFIX}/{{plural}}", _list)
     app.router.add_get(f"{PREFIX}/{{plural}}/{{name}}", _get)
     app.router.add_delete(f"{PREFIX}/{{plural}}/{{name}}", _delete)

@@ -906,7 +906,7 @@ def _quiet_stdout() -> None:
 @click.option("--context", "context_name", metavar="NAME", help="Context to use [default: current]")
 @click.pass_context
 def main(ctx: click.Context, context_name: str | None) -> None:
-    """Control a Pollen swarm: apply, get, describe, diff, wait, delete."""
+    """Control a Pollen swarm: apply, get, describe, diff, wait, delete, push."""
     ctx.obj = _State(context_name)
 
 
@@ -938,6 +938,19 @@ def _to_items(loaded: Sequence[LoadedResource]) -> list[Obj]:
     return [to_dict(item.resource) for item in loaded]
 
 
+def _with_pushed_paths(
+    loaded: Sequence[LoadedResource], client: ApiClient | None
+) -> tuple[list[LoadedResource], list[Obj]]:
+    """Workloads naming a local file pointed at its digest (the file pushed with ``client``),
+    and the Artifacts to apply with them."""
+    from pollen.cli.push import PushError, resolve_paths
+
+    try:
+        return resolve_paths(loaded, client)
+    except PushError as exc:
+        raise CliError(str(exc)) from None
+
+
 @main.command()
 @click.option(
     "-f",
@@ -957,8 +970,12 @@ def apply(ctx: click.Context, paths: tuple[str, ...], dry_run: bool) -> None:
     loaded = _load(paths)
     if not loaded:
         raise CliError("no objects passed to apply")
+    client = _client(ctx)
+    # A dry run pushes nothing; it still computes the digests, to show what would be applied.
+    loaded, artifacts = _with_pushed_paths(loaded, None if dry_run else client)
     try:
-        results = _client(ctx).apply(_to_items(loaded), dry_run=dry_run)
+        # The Artifacts go last, so that item indexes in the node's errors match ``loaded``.
+        results = client.apply(_to_items(loaded) + artifacts, dry_run=dry_run)
     except ApiError as exc:
         raise _apply_error(exc, loaded) from None
     _echo("\n".join(apply_line(result, dry_run=dry_run) for result in results))
@@ -1137,8 +1154,9 @@ def diff(ctx: click.Context, paths: tuple[str, ...]) -> None:
         if not loaded:
             raise CliError("no objects passed to diff")
         client = _client(ctx)
+        loaded, artifacts = _with_pushed_paths(loaded, None)
         try:
-            results = client.apply(_to_items(loaded), dry_run=True)
+            results = client.apply(_to_items(loaded) + artifacts, dry_run=True)
         except ApiError as exc:
             raise _apply_error(exc, loaded) from None
         chunks = []
@@ -1287,6 +1305,27 @@ def events(ctx: click.Context, watch: bool, for_: str | None) -> None:
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130) from None
     raise CliError("the node closed the watch")
+
+
+@main.command()
+@click.argument("file", metavar="FILE")
+@click.option("--name", metavar="NAME", help="The Artifact's name [default: from the file name]")
+@click.pass_context
+def push(ctx: click.Context, file: str, name: str | None) -> None:
+    """Upload a WebAssembly module and record it as an Artifact; prints its digest."""
+    from pathlib import Path
+
+    from pollen.cli.push import PushError, read_module
+    from pollen.cli.push import push as push_module
+
+    try:
+        module = read_module(Path(file), name)
+        results = push_module(_client(ctx), module)
+    except PushError as exc:
+        raise CliError(str(exc)) from None
+    for result in results:
+        click.echo(apply_line(result), err=True)
+    _echo(module.digest)
 
 
 @main.command()
