@@ -30,6 +30,8 @@ from pollen.mesh.membership import EventKind, MemberEvent, MemberState
 from pollen.mesh.service import MeshService
 from pollen.mesh.transport import TransportError
 from pollen.reconcilers.manager import ReconcilerManager
+from pollen.reconcilers.replicas import ReplicaRunner
+from pollen.reconcilers.workloads import LiveFacts, WorkloadPlacer
 from pollen.resources import (
     Capacity,
     ConditionStatus,
@@ -39,6 +41,8 @@ from pollen.resources import (
     set_condition,
 )
 from pollen.runtime.artifacts import ArtifactStore
+from pollen.runtime.host import InstanceHost
+from pollen.runtime.runtime import Runtime
 from pollen.state import ChangeEvent, ChangeType, ResourceStore
 from pollen.state.events import EventLog, EventType
 
@@ -78,6 +82,8 @@ REVOCATION_FINALIZER = "pollen.dev/revocation"
 PEERS_FILE = "peers.json"
 #: Where the node keeps artifacts' bytes, under its data directory (ADR 0012).
 ARTIFACTS_DIR = "artifacts"
+#: Where the node keeps compiled modules, under its data directory (ADR 0006).
+MODULES_DIR = "modules"
 
 
 class PollenNode:
@@ -101,6 +107,8 @@ class PollenNode:
         #: (both set by :meth:`start`).
         self.artifacts: ArtifactStore | None = None
         self.fetcher: ArtifactFetcher | None = None
+        self.runtime: Runtime | None = None
+        self.instances: InstanceHost | None = None
 
     async def start(self) -> None:
         """Open the document, join the mesh, serve the API, and register this Node as Ready."""
@@ -163,9 +171,15 @@ class PollenNode:
         self.proxy.serve_locally(self.api_url, self.identity.api_token)
         self._register(ready=True)
         # After registering: a plugin that fails to load is shown on this node's Node.
-        self.reconcilers = ReconcilerManager(
+        reconcilers = self.reconcilers = ReconcilerManager(
             self.store, self.events, node_name=self.name, clock=self._clock
         )
+        self.runtime = Runtime(cache_dir=self.config.data_dir / MODULES_DIR)
+        instances = self.instances = InstanceHost(
+            self.runtime, on_change=lambda replica: reconcilers.enqueue("Replica", replica)
+        )
+        reconcilers.add(WorkloadPlacer(self._live_view, reliability=lambda: instances.reliability))
+        reconcilers.add(ReplicaRunner(instances, has=artifacts.has, ensure=self.fetcher.ensure))
         self.reconcilers.enable_plugins(self.config.plugins)
         await self.reconcilers.start()
         seeds = list(self.config.seeds) + self._remembered_peers()
@@ -185,6 +199,12 @@ class PollenNode:
         if self.reconcilers is not None:
             await self.reconcilers.stop()
             self.reconcilers = None
+        if self.instances is not None:
+            await self.instances.close()
+            self.instances = None
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.close)
+            self.runtime = None
         if self.artifacts is not None:
             self.artifacts.on_change = None
         if self.fetcher is not None:
@@ -227,7 +247,39 @@ class PollenNode:
             raise ProxyError(str(exc)) from None
         return Channel(opened.stream, via=opened.via)
 
+    def _live_view(self) -> dict[str, LiveFacts]:
+        """The nodes alive (or only suspected) in this node's membership view, for placement."""
+        if self.mesh is None:
+            return {}
+        live: dict[str, LiveFacts] = {}
+        for name, member in self.mesh.members().items():
+            if member.state in (MemberState.ALIVE, MemberState.SUSPECT):
+                live[name] = LiveFacts(
+                    load=member.meta.load,
+                    artifacts=frozenset(member.meta.artifacts),
+                    rtt=self.mesh.estimated_rtt(name),
+                )
+        return live
+
+    def _enqueue_for(self, change: ChangeEvent) -> None:
+        """Placement of a Workload depends on more than the Workload: map other changes to it."""
+        reconcilers = self.reconcilers
+        if reconcilers is None:
+            return
+        if change.kind == "Replica":
+            workload = getattr(change.object.spec, "workload", None)
+            if isinstance(workload, str):
+                reconcilers.enqueue("Workload", workload)
+        elif change.kind in ("Node", "Artifact"):
+            self._enqueue_workloads()
+
+    def _enqueue_workloads(self) -> None:
+        if self.reconcilers is not None and self.store is not None:
+            for workload in self.store.list("Workload"):
+                self.reconcilers.enqueue("Workload", workload.name)
+
     def _on_change(self, change: ChangeEvent) -> None:
+        self._enqueue_for(change)
         if self.mesh is not None:
             self.mesh.document_changed()
             if (
@@ -307,6 +359,8 @@ class PollenNode:
         if event.kind in (EventKind.DEAD, EventKind.LEFT, EventKind.JOINED, EventKind.ALIVE):
             self._remember_peers()
             self._reconcile_ready()
+            # Who is alive decides which claims count: every Workload is placed again.
+            self._enqueue_workloads()
 
     def _reconcile_ready(self) -> None:
         """Make every Node's Ready follow this node's membership view, where this node writes.

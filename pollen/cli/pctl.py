@@ -606,8 +606,39 @@ def _event_age(event: Obj, now: datetime) -> str:
     return f"{age} (x{count})" if isinstance(count, int) and count > 1 else age
 
 
-def describe(obj: Obj, events: Sequence[Obj], now: datetime) -> str:
-    """The ``pctl describe`` text for one object and the events about it."""
+def replicas_block(replicas: Sequence[Obj], now: datetime) -> list[str]:
+    """A Workload's Replicas for ``pctl describe``, in the order placement ranks them (highest
+    score first, ties to the lowest node name): where they run, and why there."""
+    if not replicas:
+        return ["Replicas:  <none>"]
+    ranked = sorted(
+        replicas,
+        key=lambda r: (
+            -float(_get(r, "spec", "score") or 0.0),
+            str(_get(r, "spec", "node") or ""),
+            str(_get(r, "metadata", "name") or ""),
+        ),
+    )
+    headers = ["NAME", "NODE", "PHASE", "SCORE", "GENERATION", "AGE"]
+    rows = [
+        [
+            _text(_get(r, "metadata", "name")),
+            _text(_get(r, "spec", "node")),
+            _text(_get(r, "status", "phase")),
+            f"{float(_get(r, 'spec', 'score') or 0.0):.2f}",
+            _text(_get(r, "spec", "workloadGeneration")),
+            format_age(_get(r, "metadata", "creationTimestamp"), now),
+        ]
+        for r in ranked
+    ]
+    return ["Replicas:", *("  " + line for line in TableWriter(headers, rule=True).render(rows))]
+
+
+def describe(
+    obj: Obj, events: Sequence[Obj], now: datetime, replicas: Sequence[Obj] | None = None
+) -> str:
+    """The ``pctl describe`` text for one object and the events about it; for a Workload,
+    ``replicas`` are its Replicas."""
     meta = obj.get("metadata") or {}
     created = meta.get("creationTimestamp")
     header: list[tuple[str, str]] = [
@@ -639,6 +670,8 @@ def describe(obj: Obj, events: Sequence[Obj], now: datetime) -> str:
     if conditions:
         lines.append("  Conditions:")
         lines.extend(conditions_table(conditions, now, indent="    "))
+    if replicas is not None:
+        lines.extend(replicas_block(replicas, now))
     lines.extend(events_block(events, now))
     return "\n".join(lines)
 
@@ -1076,12 +1109,14 @@ def describe_command(ctx: click.Context, kind: str, names: tuple[str, ...]) -> N
         click.echo("No resources found.", err=True)
         return
     events = client.events(kind=info.kind, name=wanted[0] if len(wanted) == 1 else None)
+    replicas = client.list("replicas") if info.kind == "Workload" else []
     now = datetime.now(UTC)
     texts = []
     for obj in objects:
         obj_name = _get(obj, "metadata", "name")
         mine = [e for e in events if _get(e, "involvedObject", "name") == obj_name]
-        texts.append(describe(obj, mine, now))
+        held = [r for r in replicas if _get(r, "spec", "workload") == obj_name]
+        texts.append(describe(obj, mine, now, held if info.kind == "Workload" else None))
     _echo("\n\n\n".join(texts))
 
 
