@@ -29,6 +29,7 @@ from pollen.mesh.identity import NodeIdentity, load_credentials, load_identity
 from pollen.mesh.membership import EventKind, MemberEvent, MemberState
 from pollen.mesh.service import MeshService
 from pollen.mesh.transport import TransportError
+from pollen.reconcilers.eviction import MemoryPressureEvictor
 from pollen.reconcilers.manager import ReconcilerManager
 from pollen.reconcilers.replicas import ReplicaRunner
 from pollen.reconcilers.workloads import LiveFacts, WorkloadPlacer
@@ -68,6 +69,9 @@ class NodeConfig:
     #: Reconciler plugins to enable: entry-point names in ``pollen.reconcilers``, or
     #: ``module:attribute`` paths.
     plugins: tuple[str, ...] = ()
+    #: Memory (MB) the machine must keep available; below it the node is under memory pressure
+    #: and evicts replicas (the kubelet's ``memory.available<100Mi``).
+    memory_reserve_mb: int = 100
 
 
 def _utcnow() -> datetime:
@@ -180,6 +184,12 @@ class PollenNode:
         )
         reconcilers.add(WorkloadPlacer(self._live_view, reliability=lambda: instances.reliability))
         reconcilers.add(ReplicaRunner(instances, has=artifacts.has, ensure=self.fetcher.ensure))
+        reconcilers.add(
+            MemoryPressureEvictor(
+                lambda: psutil.virtual_memory().available >> 20,
+                reserve_mb=self.config.memory_reserve_mb,
+            )
+        )
         self.reconcilers.enable_plugins(self.config.plugins)
         await self.reconcilers.start()
         seeds = list(self.config.seeds) + self._remembered_peers()
