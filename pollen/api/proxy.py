@@ -102,9 +102,13 @@ def forwarded_headers(headers: Any) -> Headers:
     return tuple((k, v) for k, v in items if k.lower() not in _NOT_FORWARDED)
 
 
-def _decode_head(frame: bytes, what: str) -> dict[str, Any]:
-    if len(frame) > MAX_HEAD_BYTES:
-        raise ProxyError(f"the {what} is over {MAX_HEAD_BYTES} bytes")
+def decode_head(frame: bytes, what: str, limit: int = MAX_HEAD_BYTES) -> dict[str, Any]:
+    """A head frame as a JSON object of at most ``limit`` bytes; raises :class:`ProxyError`.
+
+    Shared with the gateway's forwarding protocol, which frames requests the same way.
+    """
+    if len(frame) > limit:
+        raise ProxyError(f"the {what} is over {limit} bytes")
     try:
         value = orjson.loads(frame)
     except orjson.JSONDecodeError:
@@ -153,7 +157,7 @@ class ProxyRequest:
 
     @classmethod
     def decode(cls, frame: bytes) -> ProxyRequest:
-        value = _decode_head(frame, "proxied request head")
+        value = decode_head(frame, "proxied request head")
         if set(value) != {"method", "path", "query", "headers"}:
             raise ProxyError("the proxied request head has missing or unknown fields")
         method, path, query = value["method"], value["path"], value["query"]
@@ -185,7 +189,7 @@ class ProxyResponse:
 
     @classmethod
     def decode(cls, frame: bytes) -> ProxyResponse:
-        value = _decode_head(frame, "proxied response head")
+        value = decode_head(frame, "proxied response head")
         if set(value) != {"status", "headers", "via"}:
             raise ProxyError("the proxied response head has missing or unknown fields")
         status, via = value["status"], value["via"]
@@ -200,18 +204,20 @@ class ProxyResponse:
         return cls(status, _decode_headers(value["headers"], "proxied response"), tuple(via))
 
 
-async def _read_body(frames: FrameChannel) -> bytes:
+async def read_body(frames: FrameChannel, limit: int = MAX_PROXIED_BODY) -> bytes:
+    """Body frames up to the end of the stream, at most ``limit`` bytes in all."""
     chunks: list[bytes] = []
     size = 0
     while (frame := await frames.read_frame()) is not None:
         size += len(frame)
-        if size > MAX_PROXIED_BODY:
-            raise ProxyError(f"the proxied body is over {MAX_PROXIED_BODY} bytes")
+        if size > limit:
+            raise ProxyError(f"the body is over {limit} bytes")
         chunks.append(frame)
     return b"".join(chunks)
 
 
-async def _write_body(frames: FrameChannel, body: bytes) -> None:
+async def write_body(frames: FrameChannel, body: bytes) -> None:
+    """``body`` in frames of at most :data:`BODY_FRAME_BYTES`."""
     for start in range(0, len(body), BODY_FRAME_BYTES):
         await frames.write_frame(body[start : start + BODY_FRAME_BYTES])
 
@@ -266,7 +272,7 @@ class NodeProxy:
         frames = channel.frames
         try:
             await frames.write_frame(head.encode())
-            await _write_body(frames, body)
+            await write_body(frames, body)
             await frames.finish()
             first = await frames.read_frame()
             if first is None:
@@ -311,7 +317,7 @@ class NodeProxy:
             return
         try:
             head = ProxyRequest.decode(first)
-            body = await _read_body(frames)
+            body = await read_body(frames)
         except ProxyError as exc:
             failure = ApiError(400, "BadRequest", str(exc))
             await frames.write_frame(
