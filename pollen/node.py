@@ -21,6 +21,8 @@ from aiohttp import web
 from cryptography import x509
 
 import pollen
+from pollen.api.forward import GATEWAY_STREAM
+from pollen.api.gateway import Gateway, MeshCallRouter
 from pollen.api.proxy import PROXY_STREAM, Channel, NodeProxy, ProxyError
 from pollen.api.server import create_app
 from pollen.mesh import tokens, wire
@@ -60,6 +62,10 @@ class NodeConfig:
     data_dir: Path
     api_host: str = "127.0.0.1"
     api_port: int = 7070
+    #: Where the gateway serves workloads over HTTP; port 0 (the default): any free port, so
+    #: that every node serves one (ADR 0014).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 0
     listen_host: str = "127.0.0.1"
     listen_port: int = 7946
     name: str | None = None
@@ -113,6 +119,8 @@ class PollenNode:
         self.fetcher: ArtifactFetcher | None = None
         self.runtime: Runtime | None = None
         self.instances: InstanceHost | None = None
+        self.gateway: Gateway | None = None
+        self.gateway_url = ""
 
     async def start(self) -> None:
         """Open the document, join the mesh, serve the API, and register this Node as Ready."""
@@ -178,7 +186,9 @@ class PollenNode:
         reconcilers = self.reconcilers = ReconcilerManager(
             self.store, self.events, node_name=self.name, clock=self._clock
         )
-        self.runtime = Runtime(cache_dir=self.config.data_dir / MODULES_DIR)
+        # pollen.call reaches this node's workloads first, then the swarm's through the gateway.
+        calls = MeshCallRouter(asyncio.get_running_loop())
+        self.runtime = Runtime(cache_dir=self.config.data_dir / MODULES_DIR, router=calls)
         instances = self.instances = InstanceHost(
             self.runtime, on_change=lambda replica: reconcilers.enqueue("Replica", replica)
         )
@@ -192,20 +202,31 @@ class PollenNode:
         )
         self.reconcilers.enable_plugins(self.config.plugins)
         await self.reconcilers.start()
+        gateway = self.gateway = Gateway(
+            self.name, store=self.store, instances=instances, mesh=self.mesh
+        )
+        calls.connect(self.runtime.local, gateway)
+        self.mesh.handle_streams(GATEWAY_STREAM, gateway.serve_forwarded)
+        self.gateway_url = await gateway.start(self.config.gateway_host, self.config.gateway_port)
         seeds = list(self.config.seeds) + self._remembered_peers()
         if seeds:
             joined = await self.mesh.join(seeds)
             log.info("joined the mesh through %s", ", ".join(joined) or "nobody yet")
         log.info(
-            "node %s serving the API at %s, the mesh at %s",
+            "node %s serving the API at %s, the gateway at %s, the mesh at %s",
             self.name,
             self.api_url,
+            self.gateway_url,
             self.mesh.address,
         )
 
     async def stop(self) -> None:
         """Mark this Node not Ready, leave the mesh, stop serving, and close the document."""
         self._stopping = True
+        if self.gateway is not None:
+            # First: requests in flight are answered while their instances still run.
+            await self.gateway.close()
+            self.gateway = None
         if self.reconcilers is not None:
             await self.reconcilers.stop()
             self.reconcilers = None
@@ -504,7 +525,13 @@ class PollenNode:
     def endpoints(self) -> dict[str, object]:
         """Where this node serves, as written to ``endpoints.json``."""
         listen = self.mesh.address if self.mesh is not None else None
-        return {"name": self.name, "api": self.api_url, "listen": listen, "pid": os.getpid()}
+        return {
+            "name": self.name,
+            "api": self.api_url,
+            "gateway": self.gateway_url or None,
+            "listen": listen,
+            "pid": os.getpid(),
+        }
 
     def announce(self) -> None:
         """Write ``endpoints.json`` into the data directory: the node serves, and here.

@@ -16,6 +16,7 @@ from pollen.mesh.identity import IdentityError, default_node_name, init_data_dir
 
 DEFAULT_API = "127.0.0.1:7070"
 DEFAULT_LISTEN = "127.0.0.1:7946"
+DEFAULT_GATEWAY = "127.0.0.1:0"
 PLUGIN_HELP = (
     "Enable a reconciler plugin: an entry-point name in the group pollen.reconcilers, "
     "or module:attribute (repeatable)"
@@ -102,6 +103,12 @@ def init(data_dir: Path, cluster_name: str, node_name: str | None, api: str) -> 
     show_default=True,
     help="QUIC mesh address (UDP; port 0: any free port)",
 )
+@click.option(
+    "--gateway",
+    default=DEFAULT_GATEWAY,
+    show_default=True,
+    help="HTTP gateway address for workloads: /WORKLOAD/PATH (port 0: any free port)",
+)
 @click.option("--join", "join_token", default=None, help="Join token from 'pollen token create'")
 @click.option("--name", default=None, help="Node name [default: the one chosen at init]")
 @click.option("--label", "labels", multiple=True, help="Node label k=v (repeatable)")
@@ -111,6 +118,7 @@ def node(
     data_dir: Path,
     api: str,
     listen: str,
+    gateway: str,
     join_token: str | None,
     name: str | None,
     labels: tuple[str, ...],
@@ -128,6 +136,7 @@ def node(
 
     host, port = parse_host_port(api, "--api")
     listen_host, listen_port = parse_host_port(listen, "--listen")
+    gateway_host, gateway_port = parse_host_port(gateway, "--gateway")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -141,6 +150,8 @@ def node(
         data_dir=data_dir,
         api_host=host,
         api_port=port,
+        gateway_host=gateway_host,
+        gateway_port=gateway_port,
         listen_host=listen_host,
         listen_port=listen_port,
         name=name,
@@ -156,7 +167,10 @@ def node(
     try:
         asyncio.run(_run_node(pollen_node))
     except OSError as exc:
-        _fail(f"cannot serve on {api} (API) or {listen} (mesh): {exc.strerror or exc}")
+        _fail(
+            f"cannot serve on {api} (API), {gateway} (gateway) or {listen} (mesh): "
+            f"{exc.strerror or exc}"
+        )
 
 
 def _token_addresses(token: str) -> tuple[tuple[str, int], ...]:
@@ -376,7 +390,10 @@ def up(count: int, directory: Path, detach: bool, plugins: tuple[str, ...]) -> N
         _fail(str(exc))
         return
     for swarm_node in nodes:
-        click.echo(f"{swarm_node.name}  api {swarm_node.api}  mesh {swarm_node.listen}")
+        click.echo(
+            f"{swarm_node.name}  api {swarm_node.api}  gateway {swarm_node.gateway}  "
+            f"mesh {swarm_node.listen}"
+        )
     click.echo(f'{len(nodes)} nodes Ready; pctl context "{nodes[0].context}" is current.')
     if detach:
         click.echo(f"Stop them with: pollen down --dir {directory}")

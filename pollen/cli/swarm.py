@@ -142,7 +142,7 @@ def up(
                 context=name,
                 listen=str(node.endpoints.get("listen")),
                 api=node.url,
-                gateway=None,
+                gateway=str(node.endpoints["gateway"]) if node.endpoints.get("gateway") else None,
                 data_dir=str(node.data_dir.resolve()),
                 pid=node.pid,
             )

@@ -205,6 +205,7 @@ def test_pollen_up_detach_and_down(tmp_path: Path, pollen_env: dict[str, str]) -
         for node in nodes:
             assert set(node) == {"name", "context", "listen", "api", "gateway", "dataDir", "pid"}
             assert node["api"].startswith("http://127.0.0.1:")
+            assert node["gateway"].startswith("http://127.0.0.1:")
         config = yaml.safe_load(Path(pollen_env["POLLEN_CONFIG"]).read_text())
         assert config["current-context"] == "node-1"
         assert {c["name"] for c in config["contexts"]} == {"node-1", "node-2", "node-3"}
