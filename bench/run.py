@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench import foundation, mesh_real, mesh_sim, runtime, vivaldi_netns
+from bench import foundation, gateway, mesh_real, mesh_sim, runtime, vivaldi_netns
 from bench.report import render
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -18,6 +18,7 @@ def main() -> int:
         mesh_real.run(),
         vivaldi_netns.run(),
         runtime.run(),
+        gateway.run(),
     ]
     OUTPUT.write_text(render(sections))
     print(OUTPUT.read_text())

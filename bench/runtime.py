@@ -140,8 +140,8 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def _wrk(port: int) -> tuple[float, float]:
-    """Requests per second and p99 latency (ms) of wrk against ``port``."""
+def _wrk(port: int, path: str = "/") -> tuple[float, float]:
+    """Requests per second and p99 latency (ms) of wrk against ``path`` on ``port``."""
     result = subprocess.run(
         [
             "wrk",
@@ -149,7 +149,7 @@ def _wrk(port: int) -> tuple[float, float]:
             f"-c{WRK_CONNECTIONS}",
             f"-d{WRK_SECONDS}s",
             "--latency",
-            f"http://127.0.0.1:{port}/",
+            f"http://127.0.0.1:{port}{path}",
         ],
         capture_output=True,
         text=True,
