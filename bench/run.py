@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench import foundation, gateway, mesh_real, mesh_sim, runtime, vivaldi_netns
+from bench import (
+    foundation,
+    gateway,
+    mesh_real,
+    mesh_sim,
+    placement,
+    runtime,
+    vivaldi_netns,
+)
 from bench.report import render
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -19,6 +27,7 @@ def main() -> int:
         vivaldi_netns.run(),
         runtime.run(),
         gateway.run(),
+        placement.run(),
     ]
     OUTPUT.write_text(render(sections))
     print(OUTPUT.read_text())
