@@ -155,9 +155,6 @@ class Gateway:
         self._calls = WorkerPool(MAX_FORWARDED_CALLS, queue_size=0, name="gateway-calls")
         self._sweeper: asyncio.Task[None] | None = None
         self.url = ""
-        #: Requests this node forwarded, and forwarded requests it served (for telemetry).
-        self.forwarded = 0
-        self.served_for_others = 0
 
     # lifecycle --------------------------------------------------------------------------------
 
@@ -324,7 +321,6 @@ class Gateway:
             if answer.response is None:
                 refusals.append(f"{peer}: {answer.refused}")
                 continue
-            self.forwarded += 1
             hops = (peer, opened.via, self.node_name) if opened.via else (peer, self.node_name)
             via = ", ".join(f"1.1 {hop}" for hop in hops)
             response = answer.response
@@ -382,7 +378,6 @@ class Gateway:
         response = await self._run_here(executor, request, depth)
         if _not_run(response, hosted):
             return ForwardedAnswer(refused=f"its instance of {hosted.workload} is draining")
-        self.served_for_others += 1
         return ForwardedAnswer(response)
 
     def _run_here(

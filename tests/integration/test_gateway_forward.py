@@ -31,11 +31,17 @@ from pollen.mesh.service import MeshService
 from pollen.mesh.sync import LocalDocument
 from pollen.mesh.transport import TransportError
 from pollen.resources import ObjectMeta, Workload
-from pollen.resources.models import ReplicaPhase, WorkloadSpec
+from pollen.resources.models import (
+    Replica,
+    ReplicaPhase,
+    ReplicaSpec,
+    ReplicaStatus,
+    WorkloadSpec,
+)
 from pollen.runtime.executors import HttpExecutor
 from pollen.runtime.host import InstanceHost
 from pollen.runtime.runtime import Runtime
-from pollen.runtime.wagi import HttpRequest
+from pollen.runtime.wagi import HttpRequest, HttpResponse
 from pollen.state import ResourceStore
 from pollen.state.document import StateDocument
 from tests.helpers import wait_for, wait_until
@@ -44,6 +50,7 @@ from tests.runtime.modules import FD_WRITE
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+NODES = ("a", "b", "c", "d")
 T = TypeVar("T")
 
 
@@ -73,7 +80,9 @@ def slow_hello(iterations: int) -> bytes:
 
 
 class Harness:
-    """Mesh services ``a`` and ``b`` on a loop thread; ``b`` runs a gateway with instances."""
+    """Mesh services on a loop thread: ``b`` runs a gateway with instances (hello); ``c`` a
+    gateway without any (it refuses); ``d`` serves no gateway streams at all (they are reset);
+    ``a`` runs a gateway whose document says where replicas are, to route from."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -88,7 +97,7 @@ class Harness:
     async def start(self) -> None:
         root = Ed25519PrivateKey.generate()
         ca = pki.create_ca_certificate(root, "c1", datetime.now(UTC))
-        for name in ("a", "b"):
+        for name in NODES:
             key = Ed25519PrivateKey.generate()
             cert = pki.issue_node_certificate(
                 root, ca, name, key.public_key(), datetime.now(UTC), pki.NODE_VALIDITY
@@ -97,11 +106,12 @@ class Harness:
             service = MeshService(credentials, LocalDocument(StateDocument.new()))
             await service.start()
             self.mesh[name] = service
-        await self.mesh["b"].join([self.mesh["a"].transport.bound_address])
+        for name in NODES[1:]:
+            await self.mesh[name].join([self.mesh["a"].transport.bound_address])
         await wait_until(
-            lambda: all(s.alive() == ["a", "b"] for s in self.mesh.values()),
+            lambda: all(s.alive() == list(NODES) for s in self.mesh.values()),
             15.0,
-            "a and b to see each other alive",
+            "every node to see every node alive",
         )
         self.store = ResourceStore.open(self.work / "state")
         self.runtime = Runtime()
@@ -111,6 +121,15 @@ class Harness:
         self.gateway = Gateway("b", store=self.store, instances=self.instances, mesh=self.mesh["b"])
         self.mesh["b"].handle_streams(GATEWAY_STREAM, self.gateway.serve_forwarded)
         await self.gateway.start()
+        self.empty = InstanceHost(self.runtime, on_change=lambda replica: None)
+        self.others: list[Gateway] = []
+        self.stores = {name: ResourceStore.open(self.work / f"state-{name}") for name in "ac"}
+        for name, store in self.stores.items():
+            other = Gateway(name, store=store, instances=self.empty, mesh=self.mesh[name])
+            self.mesh[name].handle_streams(GATEWAY_STREAM, other.serve_forwarded)
+            await other.start()
+            self.others.append(other)
+        self.origin = self.others[0]
 
     async def add(self, name: str, wasm: bytes, replica: str | None = None) -> None:
         spec = WorkloadSpec(artifact="sha256:" + "0" * 64, replicas=1)
@@ -119,6 +138,10 @@ class Harness:
         assert await hosted.instance.start(wasm) is ReplicaPhase.READY
 
     async def stop(self) -> None:
+        for other in self.others:
+            await other.close()
+        for store in self.stores.values():
+            store.close()
         await self.gateway.close()
         await self.instances.close()
         await asyncio.to_thread(self.runtime.close)
@@ -237,3 +260,62 @@ def test_a_request_in_flight_during_a_drain_completes(harness: Harness) -> None:
         assert in_flight.result(60)[:2] == (200, b"slow hello\n")
         draining.result(60)
     assert hosted.phase is ReplicaPhase.STOPPED
+
+
+def place(harness: Harness, workload: str, nodes: list[str]) -> None:
+    """Write into the origin's document: ``workload`` has a Ready replica on each of ``nodes``."""
+    store = harness.stores["a"]
+    spec = WorkloadSpec(artifact="sha256:" + "0" * 64, replicas=len(nodes))
+    store.apply([Workload(metadata=ObjectMeta(name=workload), spec=spec)])
+    for node in nodes:
+        name = f"{workload}-{node}"
+        replica = Replica(
+            metadata=ObjectMeta(name=name),
+            spec=ReplicaSpec(workload=workload, artifact=spec.artifact, node=node),
+        )
+        store.apply([replica])
+        store.update_status("Replica", name, ReplicaStatus(phase=ReplicaPhase.READY, node=node))
+
+
+def via_origin(harness: Harness, path: str, method: str = "GET") -> HttpResponse:
+    request = HttpRequest(method=method, path=path)
+
+    async def handle() -> HttpResponse:
+        answer = harness.origin.handle(request)
+        return answer if isinstance(answer, HttpResponse) else await answer
+
+    return harness.run(handle())
+
+
+def test_a_node_that_refuses_is_passed_over_for_the_next_holder(harness: Harness) -> None:
+    # c runs no instance of hello although the document says so (its view was ahead of it).
+    place(harness, "hello", ["c", "b"])
+    response = via_origin(harness, "/hello/")
+    assert (response.status, response.body) == (200, b"Hello from Pollen!\n")
+    assert response.header("Via") == "1.1 b, 1.1 a"
+
+
+def test_every_holder_refusing_is_503_and_every_holder_failing_is_502(harness: Harness) -> None:
+    place(harness, "refused", ["c"])
+    response = via_origin(harness, "/refused/")
+    assert (response.status, response.header("Retry-After")) == (503, "1")
+    assert b"c: no Ready instance" in response.body
+    # d resets every gateway stream: a GET may be tried elsewhere, and there is nowhere else.
+    place(harness, "broken", ["d"])
+    response = via_origin(harness, "/broken/")
+    assert response.status == 502
+    assert b'no node holding a Ready replica of "broken" answered (d: ' in response.body
+    # A POST that d may have received whole is not sent to another node.
+    place(harness, "once", ["d", "b"])
+    response = via_origin(harness, "/once/x", method="POST")
+    if response.status == 502:  # d was nearer: the POST stops there
+        assert b"request is not sent to another node" in response.body
+    else:  # b was nearer, and served it (hello answers any path)
+        assert response.status == 200
+
+
+def test_a_get_is_tried_on_the_next_holder_after_a_reset(harness: Harness) -> None:
+    place(harness, "retried", ["d", "b"])
+    harness.run(harness.add("retried", (ROOT / "build/examples/hello.wasm").read_bytes()))
+    response = via_origin(harness, "/retried/")
+    assert (response.status, response.header("Via")) == (200, "1.1 b, 1.1 a")
