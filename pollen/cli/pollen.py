@@ -320,6 +320,12 @@ def _point_context_at(pollen_node: object) -> None:
 @click.option(
     "--timeout-ms", type=int, default=None, help="Per-invocation timeout [default: 30000]"
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="HTTP worker processes on the one port [default: the number of CPU cores]",
+)
 def run(
     file: Path,
     args: tuple[str, ...],
@@ -328,14 +334,21 @@ def run(
     env_items: tuple[str, ...],
     memory_mb: int | None,
     timeout_ms: int | None,
+    workers: int | None,
 ) -> None:
     """Run one module in the sandbox, with no cluster: serve it over HTTP, or run it once.
 
     Arguments after FILE (put them after `--`) are the module's argv. The exit status of a
     command is the module's own.
+
+    With --executor http, requests are served by --workers processes (one per core by
+    default): a request's Python runs under its process's GIL, so one process uses about
+    one core; each worker has its own engine and HTTP server on the same port. --workers 1
+    serves from this process.
     """
     from pydantic import ValidationError
 
+    from pollen.runtime.pool import default_workers
     from pollen.runtime.standalone import default_cache_dir, run_command, run_http
 
     env: dict[str, str] = {}
@@ -366,6 +379,7 @@ def run(
                 memory_mb=memory_mb,
                 timeout_ms=timeout_ms,
                 cache_dir=cache_dir,
+                workers=workers or default_workers(),
             )
         )
     except ValidationError as exc:

@@ -414,10 +414,19 @@ class HttpServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None  # made by close()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen on ``host:port``; returns the port bound."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+    ) -> int:
+        """Listen on ``host:port``; returns the port bound.
+
+        ``reuse_port`` sets ``SO_REUSEPORT``: several processes then listen on the same port,
+        each with its own accept queue, and the kernel spreads new connections over them
+        (``pollen run --workers``).
+        """
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port)
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_port=reuse_port or None
+        )
         sockets = self._server.sockets
         self.host = host
         self.port = int(sockets[0].getsockname()[1]) if sockets else port

@@ -89,8 +89,13 @@ async def serve_http(
     announce: Announce = _stderr,
     stop: asyncio.Event | None = None,
     limits: ServerLimits | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve ``executor`` on ``host:port`` until ``stop`` is set (or SIGINT/SIGTERM)."""
+    """Serve ``executor`` on ``host:port`` until ``stop`` is set (or SIGINT/SIGTERM).
+
+    ``reuse_port``: listen with ``SO_REUSEPORT``, beside the other worker processes of
+    ``pollen run --workers``.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -99,7 +104,7 @@ async def serve_http(
     # Every path and method goes to the one workload: no router in the way.
     server = HttpServer(executor.dispatch, limits=limits)
     try:
-        bound = await server.start(host, port)
+        bound = await server.start(host, port, reuse_port=reuse_port)
         announce(f'Serving workload "{executor.name}" at http://{host}:{bound}/ (Ctrl-C to stop)')
         await stop.wait()
     finally:
@@ -126,21 +131,89 @@ def run_http(
     cache_dir: Path | None = None,
     queue_size: int = 64,
     announce: Announce = _stderr,
+    workers: int = 1,
 ) -> int:
-    """Serve ``path`` as an http workload until interrupted; return the exit status."""
+    """Serve ``path`` as an http workload until interrupted; return the exit status.
+
+    ``workers`` above 1 serves from that many worker processes on one port, supervised by
+    this one (``pollen.runtime.workers``); 1 serves from this process.
+    """
     spec = make_spec(
         path, Executor.HTTP, env=env or {}, args=args, memory_mb=memory_mb, timeout_ms=timeout_ms
     )
     name = _workload_name(path)
+    if workers > 1:
+        # Imported here: the supervisor never loads wasmtime, and the single-process path
+        # does not need it.
+        from pollen.runtime.workers import WorkerConfig, supervise
+
+        config = WorkerConfig(
+            path=str(path),
+            name=name,
+            host=host,
+            port=port,
+            env=dict(spec.env),
+            args=list(spec.args),
+            memory_mb=memory_mb,
+            timeout_ms=timeout_ms,
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            queue_size=queue_size,
+        )
+        return supervise(config, workers, announce=announce)
+    return serve_one(
+        path,
+        name,
+        spec,
+        host=host,
+        port=port,
+        cache_dir=cache_dir,
+        queue_size=queue_size,
+        announce=announce,
+    )
+
+
+def serve_one(
+    path: Path,
+    name: str,
+    spec: WorkloadSpec,
+    *,
+    host: str,
+    port: int,
+    cache_dir: Path | None,
+    queue_size: int,
+    announce: Announce = _stderr,
+    digest: str | None = None,
+    reuse_port: bool = False,
+    on_stop: Callable[[asyncio.Event], None] | None = None,
+) -> int:
+    """Load ``path`` and serve it from this process until interrupted (``pollen run`` with
+    one worker, and each worker process of several); return the exit status.
+
+    ``digest``, when given, must match the file (it changed on disk otherwise): every worker
+    serves the bytes the first one loaded. ``on_stop`` is called with the stop event from
+    the running loop, for a caller to set it (a worker watching its supervisor).
+    """
     with Runtime(cache_dir=cache_dir, queue_size=queue_size) as runtime:
         try:
-            sandbox = runtime.load_file(path, name=name)
+            sandbox = runtime.load(path.read_bytes(), name=name, digest=digest)
         except SandboxError as exc:
             return _load_error(exc)
+        except OSError as exc:
+            _stderr(f"error: cannot read {path}: {exc.strerror or exc}")
+            return EXIT_LOAD_FAILED
         logs = LogBuffer(on_line=_print_line(name))
         executor = runtime.http_executor(name, sandbox, spec, logs=logs)
+
+        async def serve() -> None:
+            event = asyncio.Event()
+            if on_stop is not None:
+                on_stop(event)
+            await serve_http(
+                executor, host, port, announce=announce, stop=event, reuse_port=reuse_port
+            )
+
         try:
-            asyncio.run(serve_http(executor, host, port, announce=announce))
+            asyncio.run(serve())
         except OSError as exc:
             _stderr(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}")
             return 1

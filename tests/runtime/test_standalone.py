@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pollen.cli.localnode import tool
@@ -52,7 +53,18 @@ def served(
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     name = getattr(request, "param", "hello")
     proc = subprocess.Popen(
-        [POLLEN, "run", str(examples[name]), "--port", "0", "-e", "GREETING=Howdy"],
+        # One worker: this process serves (tests/runtime/test_workers.py covers several).
+        [
+            POLLEN,
+            "run",
+            str(examples[name]),
+            "--port",
+            "0",
+            "--workers",
+            "1",
+            "-e",
+            "GREETING=Howdy",
+        ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         env=env,
@@ -68,6 +80,7 @@ def served(
 
 def test_serves_hello_to_a_real_client(served: tuple[str, subprocess.Popen[bytes]]) -> None:
     url, proc = served
+    assert psutil.Process(proc.pid).children() == []  # --workers 1: no worker processes
     with urllib.request.urlopen(f"{url}/any/path?x=1", timeout=30) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
