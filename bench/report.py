@@ -53,6 +53,36 @@ def mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def render_section(section: Section) -> str:
+    """One section of docs/benchmarks.md, from its ``##`` title to its notes."""
+    lines = [f"## {section.title}", ""]
+    lines += ["| what | measured | baseline (same run) | ratio | target | met |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for row in section.rows:
+        met = "—" if row.met is None else ("yes" if row.met else "**no**")
+        cells = (row.what, row.value, row.baseline, row.ratio, row.target, met)
+        lines.append("| " + " | ".join(cells) + " |")
+    if section.notes:
+        lines += ["", section.notes.strip()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def splice(document: str, sections: Sequence[Section]) -> str:
+    """``document`` (docs/benchmarks.md) with ``sections`` replacing those of the same title,
+    or appended: for re-running some benchmarks without the others."""
+    parts = document.split("\n## ")
+    head, bodies = parts[0], parts[1:]
+    by_title = {body.split("\n", 1)[0]: body for body in bodies}
+    for section in sections:
+        text = render_section(section)[len("## ") :]
+        if section.title in by_title:
+            bodies[bodies.index(by_title[section.title])] = text
+        else:
+            bodies.append(text)
+    return "\n## ".join([head.rstrip("\n") + "\n", *(b.rstrip("\n") + "\n" for b in bodies)])
+
+
 def render(sections: Sequence[Section]) -> str:
     """The whole of docs/benchmarks.md."""
     lines = [
@@ -68,14 +98,5 @@ def render(sections: Sequence[Section]) -> str:
         "",
     ]
     for section in sections:
-        lines += [f"## {section.title}", ""]
-        lines += ["| what | measured | baseline (same run) | ratio | target | met |"]
-        lines += ["|---|---|---|---|---|---|"]
-        for row in section.rows:
-            met = "—" if row.met is None else ("yes" if row.met else "**no**")
-            cells = (row.what, row.value, row.baseline, row.ratio, row.target, met)
-            lines.append("| " + " | ".join(cells) + " |")
-        if section.notes:
-            lines += ["", section.notes.strip()]
-        lines.append("")
+        lines.append(render_section(section))
     return "\n".join(lines)
