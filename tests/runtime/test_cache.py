@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,58 @@ def test_unwritable_directory_still_works(tmp_path: Path, examples: dict[str, Pa
         cache = ModuleCache(engine, blocker)
         assert cache.get(_hello(examples)).source == "compiled"
         assert cache.stats.write_errors == 1
+
+
+CONCURRENT_WRITER = """
+import sys
+from pathlib import Path
+from pollen.runtime.cache import ModuleCache, digest_of
+from pollen.runtime.engine import Engine
+from pollen.runtime.sandbox import Sandbox
+
+wasm = Path(sys.argv[1]).read_bytes()
+digest = digest_of(wasm)
+with Engine() as engine:
+    cache = ModuleCache(engine, Path(sys.argv[2]))
+    module = engine.compile(wasm, name="hello")
+    loaded = 0
+    for _ in range(int(sys.argv[3])):
+        # What a worker does on a miss (write the entry) and on a start (read it), at the
+        # same time as the other processes.
+        cache._store(digest, module)
+        found = cache._load(digest)
+        if found is not None:
+            assert b"Hello" in Sandbox(engine, found, name="hello").run().stdout
+            loaded += 1
+    print(loaded, cache.stats.corrupt, flush=True)
+"""
+
+
+def test_concurrent_writers_in_several_processes_never_corrupt_an_entry(
+    tmp_path: Path, examples: dict[str, Path]
+) -> None:
+    """``pollen run --workers`` shares the disk cache between processes: entries written
+    at once by several of them are whole, or fail verification and are compiled again."""
+    script = tmp_path / "writer.py"
+    script.write_text(CONCURRENT_WRITER)
+    directory = tmp_path / "cache"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(examples["hello"]), str(directory), "40"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        for _ in range(3)
+    ]
+    for writer in writers:
+        out, err = writer.communicate(timeout=300)
+        assert writer.returncode == 0, err.decode()
+        loaded, _corrupt = (int(part) for part in out.split())
+        assert loaded > 0
+    with Engine() as engine:
+        cache = ModuleCache(engine, directory)
+        assert b"Hello from Pollen!" in _run(engine, cache, _hello(examples))
+        assert cache.stats.disk_hits == 1
+        leftovers = [path.name for path in directory.rglob("*.tmp")]
+        assert leftovers == []
