@@ -28,7 +28,7 @@ env: .venv/.synced
 examples: env
 	$(RUN) python examples/build.py --out build/examples
 
-demo: env
+demo: env examples
 	$(RUN) pollen demo
 
 test: env

@@ -619,14 +619,14 @@ def replicas_block(replicas: Sequence[Obj], now: datetime) -> list[str]:
             str(_get(r, "metadata", "name") or ""),
         ),
     )
-    headers = ["NAME", "NODE", "PHASE", "SCORE", "GENERATION", "AGE"]
+    headers = ["NAME", "NODE", "PHASE", "SCORE", "REVISION", "AGE"]
     rows = [
         [
             _text(_get(r, "metadata", "name")),
             _text(_get(r, "spec", "node")),
             _text(_get(r, "status", "phase")),
             f"{float(_get(r, 'spec', 'score') or 0.0):.2f}",
-            _text(_get(r, "spec", "workloadGeneration")),
+            _text(_get(r, "spec", "revision")),
             format_age(_get(r, "metadata", "creationTimestamp"), now),
         ]
         for r in ranked

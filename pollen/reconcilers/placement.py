@@ -10,7 +10,7 @@ rule below settles it the same way on every node.
 
 The rule (ADR 0011)
 -------------------
-The *live* claims of a Workload are the Replicas of its current generation held by nodes alive
+The *live* claims of a Workload are the Replicas of its current revision held by nodes alive
 in this node's view. Ranked by score (highest first), ties to the lowest node name, then the
 replica name, the first ``N`` are kept (``N`` = the desired count, capped by the budget; with
 strict spread, at most one per node). A node whose claim falls outside the first ``N`` withdraws
@@ -24,8 +24,10 @@ widens by one slot every ``claim_stagger`` seconds while slots stay missing, so 
 slow candidate is replaced without a timeout anyone must agree on. Views differ a little, so
 two nodes sometimes claim the same slot; the rule above then withdraws one.
 
-Blue/green: when the Workload's generation moves, claims of the old generation stay (and keep
-serving) until the new generation has ``N`` Ready replicas; then their holders withdraw them.
+Blue/green: when the Workload's instance template changes (:func:`template_revision`: artifact,
+executor, resources, env, args, health path; not the replica count nor placement), claims of the
+old revision stay (and keep serving) until the new revision has ``N`` Ready replicas; then their
+holders withdraw them.
 
 Scores (:func:`score`): higher is better. The form of the issue, ``a*RTT + b*Load + c*Queue +
 d*Reliability`` plus free capacity and a cached artifact, each term scaled to [0, 1] and
@@ -35,6 +37,7 @@ weighted by :class:`Weights`, which every node may set for itself.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,6 +60,7 @@ __all__ = [
     "rank_claims",
     "replica_name",
     "score",
+    "template_revision",
     "usage_by_node",
 ]
 
@@ -132,7 +136,7 @@ class Claim:
     workload: str
     node: str
     score: float
-    generation: int
+    revision: str
     phase: ReplicaPhase = ReplicaPhase.PENDING
     deleting: bool = False
 
@@ -143,9 +147,13 @@ class WorkloadView:
 
     name: str
     spec: WorkloadSpec
-    generation: int
     digest: str | None
     deleting: bool = False
+
+    @property
+    def revision(self) -> str:
+        """The revision of the instance template (see :func:`template_revision`)."""
+        return template_revision(self.spec, self.digest)
 
 
 class Unschedulable(StrEnum):
@@ -172,13 +180,13 @@ class Decision:
 
     claim: tuple[NewClaim, ...] = ()
     withdraw: tuple[str, ...] = ()
-    """This node's own Replicas to delete (excess, old generation, or Workload gone)."""
+    """This node's own Replicas to delete (excess, old revision, or Workload gone)."""
     requeue_after: float | None = None
     """Look again after this many seconds (a claim window still to open), if not sooner."""
     desired: int = 0
     """Replicas wanted after the budget."""
     kept: tuple[str, ...] = ()
-    """The live claims of the current generation that stay, best first."""
+    """The live claims of the current revision that stay, best first."""
     ready: int = 0
     """Of ``kept``, how many are Ready."""
     unschedulable: Unschedulable | None = None
@@ -186,13 +194,27 @@ class Decision:
     """One sentence on the placement, for the Workload's condition."""
 
 
-def replica_name(workload: str, generation: int, node: str, index: int) -> str:
+def template_revision(spec: WorkloadSpec, digest: str | None) -> str:
+    """A short hash of what an instance of ``spec`` is made from: the artifact's digest, the
+    executor, resources, env, args and health path (Kubernetes' pod-template-hash)."""
+    template = {
+        "artifact": digest or spec.artifact,
+        "executor": str(spec.executor),
+        "resources": spec.resources.model_dump(mode="json", by_alias=True),
+        "env": dict(sorted(spec.env.items())),
+        "args": list(spec.args),
+        "healthPath": spec.health_path,
+    }
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def replica_name(workload: str, revision: str, node: str, index: int) -> str:
     """The name of a claim: stable for the same slot, unique across workloads and nodes.
 
     A hash rather than the parts joined by dashes, which could collide (``a`` on ``b-c`` and
     ``a-b`` on ``c``); the workload name first, so that replicas list next to each other.
     """
-    digest = hashlib.sha256(f"{workload}\0{generation}\0{node}\0{index}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{workload}\0{revision}\0{node}\0{index}".encode()).hexdigest()
     prefix = workload[: 253 - 11].rstrip(".-")
     return f"{prefix}-{digest[:10]}"
 
@@ -286,7 +308,7 @@ def decide(
 
     ``claims`` are the Workload's Replicas; ``nodes`` the nodes alive in ``me``'s view (``me``
     included); ``usage`` what live claims of every workload already ask of each node;
-    ``missing_since`` when ``me`` first saw this generation short of replicas (None: it was not,
+    ``missing_since`` when ``me`` first saw this revision short of replicas (None: it was not,
     as far as ``me`` knew; the caller keeps it and passes ``now`` the first time).
     """
     weights = weights or Weights()
@@ -297,14 +319,15 @@ def decide(
     spec = workload.spec
     desired, budget_message = _budget(spec)
     live = [c for c in claims if not c.deleting and c.node in nodes]
-    current = [c for c in live if c.generation == workload.generation]
+    revision = workload.revision
+    current = [c for c in live if c.revision == revision]
     kept = _keep(current, desired, spec.placement.spread)
     kept_names = {c.name for c in kept}
     ready = sum(1 for c in kept if c.phase is ReplicaPhase.READY)
-    withdraw = {c.name for c in mine if c.generation == workload.generation} - kept_names
-    # Old generations drain once the new one is fully Ready (blue/green).
+    withdraw = {c.name for c in mine if c.revision == revision} - kept_names
+    # Old revisions drain once the new one is fully Ready (blue/green).
     if ready >= desired:
-        withdraw |= {c.name for c in mine if c.generation != workload.generation}
+        withdraw |= {c.name for c in mine if c.revision != revision}
     missing = desired - len(kept)
     base = Decision(
         withdraw=tuple(sorted(withdraw)),
@@ -339,7 +362,7 @@ def decide(
         if position >= window:
             my_first = position
             break
-        name = replica_name(workload.name, workload.generation, me, index)
+        name = replica_name(workload.name, revision, me, index)
         if name in used_names:  # a withdrawn claim of that slot is still being deleted
             continue
         new.append(NewClaim(name, slot_score + index * _penalty(spec, config)))
@@ -361,13 +384,13 @@ def decide(
 
 
 class Placer:
-    """:func:`decide` with the memory it needs: when each Workload generation first looked short
+    """:func:`decide` with the memory it needs: when each Workload revision first looked short
     of replicas to this node (the claim window widens from then on)."""
 
     def __init__(self, *, weights: Weights | None = None, config: PlacementConfig | None = None):
         self.weights = weights or Weights()
         self.config = config or PlacementConfig()
-        self._missing_since: dict[tuple[str, int], float] = {}
+        self._missing_since: dict[tuple[str, str], float] = {}
 
     def decide(
         self,
@@ -378,7 +401,7 @@ class Placer:
         usage: Mapping[str, Usage],
         now: float,
     ) -> Decision:
-        key = (workload.name, workload.generation)
+        key = (workload.name, workload.revision)
         decision = decide(
             me, workload, claims, nodes, usage, now=now,
             missing_since=self._missing_since.get(key), weights=self.weights, config=self.config,

@@ -57,10 +57,9 @@ class ReplicaRunner:
         if not isinstance(workload, Workload):
             return Result.done()  # placement withdraws a Replica whose Workload is gone
         if hosted is not None and (
-            hosted.digest != replica.spec.artifact
-            or hosted.generation != replica.spec.workload_generation
+            hosted.digest != replica.spec.artifact or hosted.revision != replica.spec.revision
         ):
-            # Claims are per generation, so this is a Replica name reused: start afresh.
+            # Claims are per revision, so this is a Replica name reused: start afresh.
             await self._host.stop(request.name)
             hosted = None
         if hosted is None:
@@ -78,6 +77,7 @@ class ReplicaRunner:
             replica.name,
             workload.name,
             replica.spec.workload_generation,
+            replica.spec.revision,
             digest,
             workload.spec,
         )

@@ -76,7 +76,7 @@ def claim_of(replica: Replica) -> Claim | None:
         workload=replica.spec.workload,
         node=replica.spec.node,
         score=replica.spec.score,
-        generation=replica.spec.workload_generation,
+        revision=replica.spec.revision,
         phase=replica.status.phase,
         deleting=replica.metadata.deletion_timestamp is not None,
     )
@@ -123,14 +123,13 @@ class WorkloadPlacer:
         view = WorkloadView(
             workload.name,
             workload.spec,
-            workload.metadata.generation or 1,
             resolve_artifact(workload.spec.artifact, context),
             deleting=workload.metadata.deletion_timestamp is not None,
         )
         decision = self._placer.decide(
             me, view, claims, nodes, _usage(replicas, context, nodes), now
         )
-        self._act(context, workload, decision)
+        self._act(context, workload, view, decision)
         if nodes and min(nodes) == me:
             self._write_status(context, workload, decision)
             self._collect(context, own, nodes, now)
@@ -164,13 +163,15 @@ class WorkloadPlacer:
 
     # --- outputs ------------------------------------------------------------------------------
 
-    def _act(self, context: Context, workload: Workload, decision: Decision) -> None:
+    def _act(
+        self, context: Context, workload: Workload, view: WorkloadView, decision: Decision
+    ) -> None:
         for name in decision.withdraw:
             if context.delete("Replica", name) is None:
                 context.record_event(
                     "Workload", workload.name, "Withdrawn", f"{context.node_name} withdrew {name}"
                 )
-        digest = resolve_artifact(workload.spec.artifact, context) or ""
+        digest = view.digest or ""
         for claim in decision.claim:
             context.apply(
                 {
@@ -183,6 +184,7 @@ class WorkloadPlacer:
                     "spec": {
                         "workload": workload.name,
                         "workloadGeneration": workload.metadata.generation or 1,
+                        "revision": view.revision,
                         "artifact": digest,
                         "node": context.node_name,
                         "score": claim.score,

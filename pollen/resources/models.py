@@ -317,6 +317,10 @@ class ReplicaPhase(StrEnum):
 class ReplicaSpec(Model):
     workload: ObjectName
     workload_generation: Annotated[int, Field(strict=True, ge=0)] = 0
+    #: Which version of the Workload's instance template this replica runs: a hash of what
+    #: an instance is made from (artifact, executor, resources, env, args, health path), so
+    #: that scaling or re-placing a Workload does not roll its replicas, and changing it does.
+    revision: Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9a-f]*$")] = ""
     # Empty until the claiming node resolves the Workload's artifact; the default must be a
     # valid value, or a Replica stored with it would not validate when read back.
     artifact: Annotated[str, StringConstraints(max_length=4096)] = ""

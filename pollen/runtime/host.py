@@ -28,6 +28,8 @@ class HostedInstance:
     replica: str
     workload: str
     generation: int
+    """The Workload's generation when the replica was claimed: newer serves first."""
+    revision: str
     digest: str
     instance: WorkloadInstance
 
@@ -68,7 +70,13 @@ class InstanceHost:
         return sorted(ready, key=lambda h: (-h.generation, h.replica))
 
     def create(
-        self, replica: str, workload: str, generation: int, digest: str, spec: WorkloadSpec
+        self,
+        replica: str,
+        workload: str,
+        generation: int,
+        revision: str,
+        digest: str,
+        spec: WorkloadSpec,
     ) -> HostedInstance:
         """A new instance slot for ``replica`` (not started yet: ``instance.start(wasm)``)."""
         if replica in self._hosted:
@@ -83,7 +91,7 @@ class InstanceHost:
 
         # Named after the workload: ``pollen.call`` reaches workloads by name.
         instance = WorkloadInstance(self.runtime, workload, spec, on_change=changed)
-        hosted = HostedInstance(replica, workload, generation, digest, instance)
+        hosted = HostedInstance(replica, workload, generation, revision, digest, instance)
         self._hosted[replica] = hosted
         return hosted
 

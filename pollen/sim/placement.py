@@ -110,7 +110,7 @@ class SimPlacement:
             generation = self._workloads[name][1]
             artifact = specs[name].artifact
             view = WorkloadView(
-                name, specs[name], generation, artifact if artifact.startswith("sha256:") else None
+                name, specs[name], artifact if artifact.startswith("sha256:") else None
             )
             decision = self._placer.decide(
                 self.node.name, view, [c for c in claims if c.workload == name], nodes, usage, now
@@ -120,7 +120,8 @@ class SimPlacement:
                 self.log.changes.append((now, self.node.name, name, replica, -1))
             for new in decision.claim:
                 self.node.document.write("Replica", new.name, _replica(new.name, name,
-                                                                       generation, artifact,
+                                                                       generation, view.revision,
+                                                                       artifact,
                                                                        self.node.name,
                                                                        new.score))  # fmt: skip
                 self.log.changes.append((now, self.node.name, name, new.name, +1))
@@ -168,14 +169,20 @@ def _claim(data: Mapping[str, Any]) -> Claim | None:
         workload=workload,
         node=node,
         score=float(spec.get("score", 0.0)),
-        generation=int(spec.get("workloadGeneration", 0)),
+        revision=str(spec.get("revision", "")),
         phase=ReplicaPhase(phase),
         deleting=meta.get("deletionTimestamp") is not None,
     )
 
 
 def _replica(
-    name: str, workload: str, generation: int, artifact: str, node: str, score: float
+    name: str,
+    workload: str,
+    generation: int,
+    revision: str,
+    artifact: str,
+    node: str,
+    score: float,
 ) -> dict[str, Any]:
     return {
         "apiVersion": "pollen.dev/v1alpha1",
@@ -184,6 +191,7 @@ def _replica(
         "spec": {
             "workload": workload,
             "workloadGeneration": generation,
+            "revision": revision,
             "artifact": artifact,
             "node": node,
             "score": score,

@@ -134,7 +134,7 @@ class Harness:
     async def add(self, name: str, wasm: bytes, replica: str | None = None) -> None:
         spec = WorkloadSpec(artifact="sha256:" + "0" * 64, replicas=1)
         self.store.apply([Workload(metadata=ObjectMeta(name=name), spec=spec)])
-        hosted = self.instances.create(replica or f"{name}-0", name, 1, spec.artifact, spec)
+        hosted = self.instances.create(replica or f"{name}-0", name, 1, "", spec.artifact, spec)
         assert await hosted.instance.start(wasm) is ReplicaPhase.READY
 
     async def stop(self) -> None:

@@ -121,6 +121,14 @@ def test_replicas_are_placed_on_distinct_nodes_and_become_ready(trio: Swarm) -> 
         assert replica["spec"]["artifact"].startswith("sha256:")
     status = trio.client("n1").get("workloads", "hello")["status"]
     assert (status["replicas"], status["readyReplicas"]) == (2, 2)
+    # Scaling is not a new version: the two replicas stay, a third one joins them.
+    before = {r["metadata"]["name"] for r in placed}
+    trio.client("n1").apply([workload("hello", "hello", replicas=3)])
+    wait_for(lambda: ready_on(trio, "n2", "hello", 3), timeout=60, what="hello scaled to 3")
+    after = {r["metadata"]["name"] for r in replicas_of(trio, "n2", "hello")}
+    assert before < after, "scaling restarted replicas"
+    trio.client("n1").apply([workload("hello", "hello", replicas=2)])
+    wait_for(lambda: ready_on(trio, "n2", "hello", 2), timeout=60, what="hello back to 2")
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from pollen.reconcilers.placement import (
     rank_claims,
     replica_name,
     score,
+    template_revision,
 )
 from pollen.resources.models import ReplicaPhase, WorkloadSpec
 
@@ -32,7 +33,13 @@ def spec(**fields: object) -> WorkloadSpec:
 
 
 def view(replicas: int = 2, generation: int = 1, **fields: object) -> WorkloadView:
-    return WorkloadView("web", spec(replicas=replicas, **fields), generation, DIGEST)
+    """Workload web; each ``generation`` has its own instance template (its env differs)."""
+    env = {"GENERATION": str(generation)}
+    return WorkloadView("web", spec(replicas=replicas, env=env, **fields), DIGEST)
+
+
+def revision(generation: int) -> str:
+    return view(generation=generation).revision
 
 
 def nodes(*names: str, memory: int = 1024, **facts: object) -> dict[str, NodeFacts]:
@@ -40,8 +47,8 @@ def nodes(*names: str, memory: int = 1024, **facts: object) -> dict[str, NodeFac
 
 
 def claim(node: str, score: float, generation: int = 1, index: int = 0, **fields: object) -> Claim:
-    name = replica_name("web", generation, node, index)
-    return Claim(name, "web", node, score, generation, **fields)  # type: ignore[arg-type]
+    name = replica_name("web", revision(generation), node, index)
+    return Claim(name, "web", node, score, revision(generation), **fields)  # type: ignore[arg-type]
 
 
 def run(me: str, workload: WorkloadView, claims: list[Claim], swarm: Mapping[str, NodeFacts],
@@ -137,7 +144,7 @@ def test_a_budget_caps_the_count() -> None:
 
 
 def test_an_unknown_artifact_places_nothing() -> None:
-    workload = WorkloadView("web", spec(replicas=1), 1, None)
+    workload = WorkloadView("web", spec(replicas=1), None)
     decision = run("a", workload, [], nodes("a"))
     assert not decision.claim and decision.unschedulable is Unschedulable.ARTIFACT_NOT_FOUND
 
@@ -156,7 +163,7 @@ def test_blue_green_keeps_the_old_generation_until_the_new_one_is_ready() -> Non
 
 
 def test_a_deleted_workload_withdraws_every_claim_of_this_node() -> None:
-    workload = WorkloadView("web", spec(replicas=2), 1, DIGEST, deleting=True)
+    workload = WorkloadView("web", spec(replicas=2, env={"GENERATION": "1"}), DIGEST, deleting=True)
     claims = [claim("a", 1.0), claim("a", 1.0, index=1), claim("b", 1.0)]
     assert set(run("a", workload, claims, nodes("a", "b")).withdraw) == {
         claims[0].name,
@@ -165,9 +172,18 @@ def test_a_deleted_workload_withdraws_every_claim_of_this_node() -> None:
 
 
 def test_replica_names_are_stable_and_distinct() -> None:
-    assert replica_name("a", 1, "b-c", 0) != replica_name("a-b", 1, "c", 0)
-    assert replica_name("web", 3, "n1", 0) == replica_name("web", 3, "n1", 0)
-    assert replica_name("web", 3, "n1", 0).startswith("web-")
+    assert replica_name("a", "1", "b-c", 0) != replica_name("a-b", "1", "c", 0)
+    assert replica_name("web", "3", "n1", 0) == replica_name("web", "3", "n1", 0)
+    assert replica_name("web", "3", "n1", 0).startswith("web-")
+
+
+def test_scaling_or_moving_does_not_change_the_revision_but_the_template_does() -> None:
+    base = template_revision(spec(replicas=2), DIGEST)
+    assert template_revision(spec(replicas=5, placement={"spread": "strict"}), DIGEST) == base
+    assert template_revision(spec(replicas=2, budget={"maxInstances": 9}), DIGEST) == base
+    assert template_revision(spec(replicas=2, env={"A": "1"}), DIGEST) != base
+    assert template_revision(spec(replicas=2), "sha256:" + "b" * 64) != base
+    assert template_revision(spec(replicas=2, resources={"memoryMB": 128}), DIGEST) != base
 
 
 # --- convergence: every node deciding on the same claims, round after round ----------------
@@ -184,7 +200,7 @@ def rounds(swarm: Mapping[str, NodeFacts], workload: WorkloadView, order: list[s
     for _ in range(max_rounds):
         decisions = {me: run(me, workload, claims, swarm, now=now, since=since) for me in order}
         withdrawn = {n for d in decisions.values() for n in d.withdraw}
-        added = [Claim(c.name, "web", me, c.score, workload.generation)
+        added = [Claim(c.name, "web", me, c.score, workload.revision)
                  for me, d in decisions.items() for c in d.claim]  # fmt: skip
         if not withdrawn and not added:
             return claims, changes
