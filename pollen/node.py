@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,6 +97,15 @@ PEERS_FILE = "peers.json"
 ARTIFACTS_DIR = "artifacts"
 #: Where the node keeps compiled modules, under its data directory (ADR 0006).
 MODULES_DIR = "modules"
+
+
+def _release_startup_memory() -> None:
+    """Hand back to the system the heap that start-up used and freed (imports, the document's
+    load, compaction): glibc keeps it otherwise, and an idle node would carry it for good."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PollenNode:
@@ -212,6 +224,7 @@ class PollenNode:
         if seeds:
             joined = await self.mesh.join(seeds)
             log.info("joined the mesh through %s", ", ".join(joined) or "nobody yet")
+        _release_startup_memory()
         log.info(
             "node %s serving the API at %s, the gateway at %s, the mesh at %s",
             self.name,

@@ -37,8 +37,10 @@ class Runtime:
         queue_size: int = 64,
         router: abi.CallRouter | None = None,
     ) -> None:
-        self.engine = Engine(engine_config)
-        self.cache = ModuleCache(self.engine, cache_dir)
+        self._engine_config = engine_config
+        self._cache_dir = cache_dir
+        self._engine: Engine | None = None
+        self._cache: ModuleCache | None = None
         self.local = abi.LocalCallRouter()
         self.router: abi.CallRouter = router or self.local
         self.workers = workers
@@ -46,6 +48,23 @@ class Runtime:
         self._http: list[HttpExecutor] = []
         self._commands: list[CommandExecutor] = []
         self._closed = False
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, made on first use: a node that runs nothing does not pay for one (its
+        epoch ticker thread, its instance pool's reservations)."""
+        if self._engine is None:
+            if self._closed:
+                raise RuntimeError("the runtime is closed")
+            self._engine = Engine(self._engine_config)
+        return self._engine
+
+    @property
+    def cache(self) -> ModuleCache:
+        """The compiled-module cache, made with the engine."""
+        if self._cache is None:
+            self._cache = ModuleCache(self.engine, self._cache_dir)
+        return self._cache
 
     def load(self, wasm: bytes, *, name: str, digest: str | None = None) -> Sandbox:
         """Compile (or fetch from the cache) and link ``wasm`` for workload ``name``.
@@ -144,7 +163,8 @@ class Runtime:
             executor.close()
         for command in self._commands:
             command.close()
-        self.engine.close()
+        if self._engine is not None:
+            self._engine.close()
 
     def __enter__(self) -> Runtime:
         return self
