@@ -19,7 +19,11 @@ from pathlib import Path
 
 from pollen.reconcilers import Context, Request, Result, TemporaryError
 from pollen.resources.models import ConditionStatus, Replica, ReplicaPhase, Workload
+from pollen.runtime.executors import CommandExecutor
 from pollen.runtime.host import HostedInstance, InstanceHost
+
+#: How often a running command job's last run is looked at (restarts change no phase).
+JOB_CHECK_SECONDS = 2.0
 
 __all__ = ["EnsureArtifact", "HasArtifact", "ReplicaRunner"]
 
@@ -65,6 +69,11 @@ class ReplicaRunner:
         if hosted is None:
             hosted = await self._start(replica, workload, context)
         self._report(replica, hosted, context)
+        if isinstance(hosted.instance.executor, CommandExecutor) and hosted.phase is (
+            ReplicaPhase.READY
+        ):
+            # A job's runs end and restart without a phase change: look again now and then.
+            return Result.requeue_after(JOB_CHECK_SECONDS)
         return Result.done()
 
     async def _start(
@@ -108,19 +117,41 @@ class ReplicaRunner:
 
     def _report(self, replica: Replica, hosted: HostedInstance, context: Context) -> None:
         """Write the instance's phase, and the Ready condition, when they changed."""
-        last = hosted.instance.lifecycle.current
-        message = last.message
+        phase, reason, message = _observed(hosted)
         context.update_status(
             "Replica",
             replica.name,
-            {"phase": hosted.phase.value, "node": context.node_name, "message": message},
+            {"phase": phase.value, "node": context.node_name, "message": message},
         )
-        ready = hosted.phase is ReplicaPhase.READY
+        ready = phase is ReplicaPhase.READY
         context.set_condition(
             "Replica",
             replica.name,
             "Ready",
             ConditionStatus.TRUE if ready else ConditionStatus.FALSE,
-            reason=last.reason or str(hosted.phase),
+            reason=reason,
             message=message,
         )
+
+
+def _observed(hosted: HostedInstance) -> tuple[ReplicaPhase, str, str]:
+    """The phase, reason and message to report for ``hosted``.
+
+    A command job whose last run failed and that is being restarted is reported Failed with
+    that run's reason (Kubernetes shows such a pod as CrashLoopBackOff), not as the Ready its
+    lifecycle keeps while the job exists. The message names how the run ended, not when or how
+    often, so that a crash loop writes the document once, not once per restart.
+    """
+    current = hosted.instance.lifecycle.current
+    executor = hosted.instance.executor
+    if (
+        hosted.phase is ReplicaPhase.READY
+        and isinstance(executor, CommandExecutor)
+        and executor.last_result is not None
+        and not executor.last_result.succeeded
+    ):
+        last = executor.last_result
+        reason = last.error.reason if last.error is not None else "ExitStatus"
+        how = str(last.error) if last.error is not None else f"exited with status {last.exit_code}"
+        return ReplicaPhase.FAILED, reason, f"{how}; restarting with backoff"
+    return hosted.phase, current.reason or str(hosted.phase), current.message
