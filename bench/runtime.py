@@ -7,8 +7,9 @@ so that a busy machine slows both sides alike:
   deadline, response parsing) against bare wasmtime-py doing the least it can for the same
   module: a store, a WASI config with the same environment and a stdout callback,
   instantiate, call ``_start``;
-- ``pollen run`` serving hello under wrk against a plain aiohttp hello handler, both up at
-  once and measured in alternating rounds;
+- ``pollen run`` serving hello under wrk (with its default worker processes, and with one)
+  against a plain aiohttp hello handler in one process (the SPEC's baseline) and in as many
+  processes as pollen has workers, all up at once and measured in alternating rounds;
 - loading a ~1 MB module from a warm cache against compiling it.
 """
 
@@ -32,6 +33,7 @@ from bench.report import Row, Section, ms
 from pollen.cli.localnode import tool
 from pollen.runtime.cache import ModuleCache
 from pollen.runtime.engine import Engine
+from pollen.runtime.pool import default_workers
 from pollen.runtime.runtime import Runtime
 from pollen.runtime.sandbox import Limits
 from pollen.runtime.wagi import HttpRequest, cgi_environ
@@ -41,7 +43,7 @@ ROUNDS = 7
 PER_ROUND = 300
 WRK_SECONDS = 5
 WRK_CONNECTIONS = 16
-WRK_ROUNDS = 3
+WRK_ROUNDS = 5
 
 
 def _examples() -> dict[str, Path]:
@@ -176,62 +178,119 @@ async def hello(request):
     return web.Response(text="Hello from Pollen!\\n")
 app = web.Application()
 app.router.add_get("/", hello)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+reuse_port = len(sys.argv) > 2 or None
+web.run_app(
+    app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None,
+    reuse_port=reuse_port,
+)
 """
 
 
-def _start_server(command: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _start_server(
+    commands: list[list[str]], port: int, env: dict[str, str]
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``commands`` (the processes of one server, all on ``port``), wait for the port,
+    warm it up."""
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for command in commands
+    ]
     try:
-        _wait_port(port, proc)
+        for proc in procs:
+            _wait_port(port, proc)
         _wrk(port)  # warm-up: caches, the first instances, the module cache
     except BaseException:
-        proc.terminate()
-        proc.wait(timeout=30)
+        _stop(procs)
         raise
-    return proc
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=60)
 
 
 def _bench_pollen_run(hello: Path, cache: Path) -> tuple[list[Row], str]:
     if shutil.which("wrk") is None:
         return [], "wrk is not installed (`apt-get install -y wrk`): throughput not measured."
     env = dict(os.environ, POLLEN_CACHE_DIR=str(cache))
-    ours_port, plain_port = _free_port(), _free_port()
-    servers = [
-        _start_server(
-            [tool("pollen"), "run", str(hello), "--port", str(ours_port)], ours_port, env
-        ),
-        _start_server([sys.executable, "-c", _AIOHTTP_HELLO, str(plain_port)], plain_port, env),
-    ]
-    ours: list[tuple[float, float]] = []
-    plain: list[tuple[float, float]] = []
+    workers = default_workers()
+    ports = {name: _free_port() for name in ("pollen", "pollen1", "plain", "plainN")}
+
+    def pollen(count: int, port: int) -> list[list[str]]:
+        command = [tool("pollen"), "run", str(hello), "--port", str(port)]
+        return [[*command, "--workers", str(count)]]
+
+    def plain(count: int, port: int) -> list[list[str]]:
+        # Several processes share the port as pollen's workers do (SO_REUSEPORT); one
+        # process is the plain handler the SPEC names.
+        extra = ["reuse_port"] if count > 1 else []
+        return [[sys.executable, "-c", _AIOHTTP_HELLO, str(port), *extra]] * count
+
+    commands = {
+        "pollen": pollen(workers, ports["pollen"]),
+        "pollen1": pollen(1, ports["pollen1"]),
+        "plain": plain(1, ports["plain"]),
+        "plainN": plain(workers, ports["plainN"]),
+    }
+    servers: list[subprocess.Popen[bytes]] = []
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     try:
-        # Both servers stay up (the idle one costs nothing) and take turns, so that a noisy
-        # machine slows both sides alike.
+        for name, command in commands.items():
+            servers += _start_server(command, ports[name], env)
+        # Every server stays up (the idle ones cost nothing) and they take turns, so that a
+        # noisy machine slows all alike.
         for _ in range(WRK_ROUNDS):
-            ours.append(_wrk(ours_port))
-            plain.append(_wrk(plain_port))
+            for name in commands:
+                results[name].append(_wrk(ports[name]))
     finally:
-        for proc in servers:
-            proc.terminate()
-            proc.wait(timeout=30)
-    ours_rate = statistics.median(rate for rate, _ in ours)
-    plain_rate = statistics.median(rate for rate, _ in plain)
-    ours_p99 = statistics.median(p99 for _, p99 in ours)
-    plain_p99 = statistics.median(p99 for _, p99 in plain)
-    ratio = ours_rate / plain_rate
-    row = Row(
-        f"`pollen run` hello under wrk ({WRK_CONNECTIONS} connections, {WRK_SECONDS} s, "
-        f"median of {WRK_ROUNDS} alternating rounds)",
-        f"{ours_rate:,.0f} req/s (p99 {ours_p99:.1f} ms)",
-        f"plain aiohttp hello handler: {plain_rate:,.0f} req/s (p99 {plain_p99:.1f} ms)",
-        f"{ratio:.2f}",
-        ">= 0.5",
-        ratio >= 0.5,
+        _stop(servers)
+
+    def rate(name: str) -> float:
+        return statistics.median(r for r, _ in results[name])
+
+    def p99(name: str) -> float:
+        return statistics.median(p for _, p in results[name])
+
+    ratio = rate("pollen") / rate("plain")
+    ratio1 = rate("pollen1") / rate("plain")
+    ratio_n = rate("pollen") / rate("plainN")
+    wrk = f"wrk {WRK_CONNECTIONS} connections, {WRK_SECONDS} s, median of {WRK_ROUNDS} rounds"
+    rows = [
+        Row(
+            f"`pollen run` hello, {workers} worker processes (the default: one per core; {wrk})",
+            f"{rate('pollen'):,.0f} req/s (p99 {p99('pollen'):.1f} ms)",
+            f"plain aiohttp hello handler, one process: {rate('plain'):,.0f} req/s "
+            f"(p99 {p99('plain'):.1f} ms)",
+            f"{ratio:.2f}",
+            ">= 0.5",
+            ratio >= 0.5,
+        ),
+        Row(
+            "`pollen run --workers 1` hello (one process)",
+            f"{rate('pollen1'):,.0f} req/s (p99 {p99('pollen1'):.1f} ms)",
+            f"plain aiohttp, one process: {rate('plain'):,.0f} req/s",
+            f"{ratio1:.2f}",
+        ),
+        Row(
+            f"`pollen run` hello, {workers} worker processes, against aiohttp with as many",
+            f"{rate('pollen'):,.0f} req/s",
+            f"plain aiohttp hello in {workers} processes on one port (SO_REUSEPORT): "
+            f"{rate('plainN'):,.0f} req/s (p99 {p99('plainN'):.1f} ms)",
+            f"{ratio_n:.2f}",
+        ),
+    ]
+    rounds = "; ".join(
+        f"{name} " + ", ".join(f"{r:,.0f}" for r, _ in results[name]) for name in commands
     )
-    rounds = ", ".join(f"{o[0]:,.0f}/{p[0]:,.0f}" for o, p in zip(ours, plain, strict=True))
-    note = f"wrk rounds, pollen/aiohttp req/s: {rounds}."
-    return [row], note
+    note = (
+        f"wrk rounds in req/s ({workers} workers or processes where N): {rounds}. "
+        "The SPEC's baseline is the single-process aiohttp handler; the N-process row shows "
+        "what the same number of processes gives a plain handler."
+    )
+    return rows, note
 
 
 def big_module(functions: int = 3300) -> bytes:
