@@ -113,6 +113,14 @@ def init(data_dir: Path, cluster_name: str, node_name: str | None, api: str) -> 
 @click.option("--name", default=None, help="Node name [default: the one chosen at init]")
 @click.option("--label", "labels", multiple=True, help="Node label k=v (repeatable)")
 @click.option("--plugin", "plugins", multiple=True, help=PLUGIN_HELP)
+@click.option(
+    "--memory-reserve",
+    "memory_reserve_mb",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="MB of memory the machine must keep available; below it the node evicts replicas",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages")
 def node(
     data_dir: Path,
@@ -123,6 +131,7 @@ def node(
     name: str | None,
     labels: tuple[str, ...],
     plugins: tuple[str, ...],
+    memory_reserve_mb: int,
     verbose: bool,
 ) -> None:
     """Run a node until SIGTERM or Ctrl-C.
@@ -158,6 +167,7 @@ def node(
         labels=parse_labels(labels),
         seeds=seeds,
         plugins=plugins,
+        memory_reserve_mb=memory_reserve_mb,
     )
     try:
         pollen_node = PollenNode(config)
