@@ -316,7 +316,7 @@ def test_get_watch_streams_changes_and_ends_quietly_on_ctrl_c(swarm: Swarm) -> N
         # rows of the first generation may come first; each is a row of this Workload.
         rows = []
         while (row := watcher.stdout.readline().split()[:2]) != ["watched", "0/4"]:
-            assert row[:1] == ["watched"] and len(rows) < 10, f"unexpected rows {rows + [row]}"
+            assert row[:1] == ["watched"] and len(rows) < 10, f"unexpected rows {[*rows, row]}"
             rows.append(row)
         watcher.send_signal(signal.SIGINT)
         watcher.wait(timeout=10)
