@@ -50,11 +50,24 @@ class InstanceHost:
         self.runtime = runtime
         self._on_change = on_change
         self._hosted: dict[str, HostedInstance] = {}
+        self._listeners: list[Callable[[str], None]] = []
         self._failures = 0
         self._started = 0
 
     def get(self, replica: str) -> HostedInstance | None:
         return self._hosted.get(replica)
+
+    def subscribe(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Also call ``listener(replica)`` on every phase change (on the event loop), as
+        ``pctl logs -f`` needs to end when the instances it follows stop; returns the function
+        that stops it."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     def replicas(self) -> list[HostedInstance]:
         """Every hosted instance, by replica name."""
@@ -88,6 +101,8 @@ class InstanceHost:
             elif change.phase is ReplicaPhase.READY:
                 self._started += 1
             self._on_change(replica)
+            for listener in list(self._listeners):
+                listener(replica)
 
         # Named after the workload: ``pollen.call`` reaches workloads by name.
         instance = WorkloadInstance(self.runtime, workload, spec, on_change=changed)

@@ -3,7 +3,8 @@
 Output arrives in arbitrary chunks, from wasmtime's threads; it is cut into lines per stream
 (a partial line waits for its end, or for ``flush``) and the oldest lines are dropped once the
 buffer holds more than ``max_lines`` lines or ``max_bytes`` bytes. Every line gets a sequence
-number, so a follower (``pctl logs -f``) asks for what came after the last one it saw.
+number, so a follower (``pctl logs -f``) asks for what came after the last one it saw, and
+subscribers hear that a line arrived without polling.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class LogBuffer:
         self._seq = 0
         self._partial: dict[str, bytearray] = {}
         self._cond = threading.Condition()
+        self._listeners: list[Callable[[LogLine], None]] = []
         self.dropped = 0
 
     def write(self, stream: str, data: bytes) -> None:
@@ -97,11 +99,38 @@ class LogBuffer:
         self._cond.notify_all()
         if self.on_line is not None:
             self.on_line(line)
+        if self._listeners:
+            for listener in tuple(self._listeners):  # one may unsubscribe as it is called
+                listener(line)
+
+    def subscribe(self, listener: Callable[[LogLine], None]) -> Callable[[], None]:
+        """Call ``listener(line)`` for every new line; returns the function that stops it.
+
+        The listener runs on whichever thread wrote the line, with the buffer locked: it must
+        only hand the news on (``loop.call_soon_threadsafe``), never block or write here.
+        """
+        with self._cond:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._cond:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
 
     def lines(self, after: int = 0) -> list[LogLine]:
         """Lines with a sequence number above ``after``, oldest first."""
         with self._cond:
-            return [line for line in self._lines if line.seq > after]
+            # From the newest end: a follower asks for the few lines after the last it saw,
+            # which should not cost a walk over the whole buffer.
+            new: list[LogLine] = []
+            for line in reversed(self._lines):
+                if line.seq <= after:
+                    break
+                new.append(line)
+            new.reverse()
+            return new
 
     def text(self, stream: str | None = None) -> str:
         """All kept lines (of one stream, if given), joined with newlines."""
