@@ -257,6 +257,18 @@ class NodeProxy:
             headers=forwarded_headers(request.headers),
         )
         body = await request.read()
+        answer, chunks, via = await self.request(node, head, body)
+        return await self._respond(request, answer, chunks, via=via)
+
+    async def request(
+        self, node: str, head: ProxyRequest, body: bytes = b""
+    ) -> tuple[ProxyResponse, AsyncIterator[bytes], tuple[str, ...]]:
+        """Send a request to ``node``'s API (this node's own included) over the node proxy.
+
+        Returns the answer's head, its body as it streams in, and the nodes it passed through,
+        the target first. Closing the body iterator early resets the stream. Raises
+        ``ApiError``: 503 when ``node`` cannot be reached, 502 when it gave no answer.
+        """
         if node == self.node_name:
             try:
                 answer, chunks = await self._replay(head, body, origin=self.node_name)
@@ -264,7 +276,7 @@ class NodeProxy:
                 raise ApiError(
                     502, "BadGateway", f"this node's API did not answer: {exc}"
                 ) from None
-            return await self._respond(request, answer, chunks, via=(self.node_name,))
+            return answer, chunks, (self.node_name,)
         try:
             channel = await self._open_channel(node)
         except ProxyError as exc:
@@ -285,7 +297,7 @@ class NodeProxy:
             frames.reset()
             raise
         via = answer.via + ((channel.via,) if channel.via else ()) + (self.node_name,)
-        return await self._respond(request, answer, _frames_of(frames), via=via)
+        return answer, _frames_of(frames), via
 
     async def _respond(
         self,
