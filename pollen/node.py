@@ -184,6 +184,8 @@ class PollenNode:
             proxy=self.proxy,
             artifacts=artifacts,
             fetcher=self.fetcher,
+            # Late-bound: the API serves before the runtime and its instances exist.
+            instances=lambda: self.instances,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()

@@ -68,6 +68,11 @@ class ApiClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def clone(self) -> ApiClient:
+        """A client for the same node and token with a connection of its own (for a thread)."""
+        token = self._headers["Authorization"].removeprefix("Bearer ")
+        return ApiClient(self.server, token, self.timeout)
+
     def close(self) -> None:
         """Close the kept-alive connection, if any."""
         if self._conn is not None:
@@ -133,6 +138,41 @@ class ApiClient:
         """Stream events as they are recorded, after the recent ones (see :meth:`watch`)."""
         query = {**_event_query(kind, name), "watch": "true"}
         return self._stream(f"{PREFIX}/events", query, None)
+
+    # --- logs and usage (pctl logs, pctl top) ---------------------------------------------
+
+    def logs(
+        self,
+        workload: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        local: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Stream the log lines of ``workload``'s replicas, swarm-wide (or this node's only).
+
+        Yields ``{"time", "replica", "node", "stream", "level"?, "text"}`` lines, oldest
+        first, then ``{"type": "BOOKMARK"}``; with ``follow``, new lines as they come, and
+        bookmarks while it is quiet. ``{"type": "WARNING", "message", "node"?}`` says what
+        could not be shown (an unreachable node). The iterator ends when the stream does.
+        """
+        query: dict[str, str] = {}
+        if local:
+            query["local"] = "true"
+        if follow:
+            query["follow"] = "true"
+        if tail is not None:
+            query["tail"] = str(tail)
+        return self._stream(f"{self._path('workloads', workload)}/logs", query, None)
+
+    def workload_usage(self, workload: str, *, local: bool = False) -> dict[str, Any]:
+        """``WorkloadMetrics``: each replica's usage (swarm-wide, or this node's only)."""
+        query = {"local": "true"} if local else None
+        return self._dict(self._request("GET", f"{self._path('workloads', workload)}/usage", query))
+
+    def node_usage(self, node: str) -> dict[str, Any]:
+        """``NodeMetrics``: node ``node``'s CPU, memory, instances and artifacts now."""
+        return self._dict(self._request("GET", f"{self._path('nodes', node)}/usage"))
 
     # --- blobs: artifacts' bytes ----------------------------------------------------------
 

@@ -12,7 +12,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -42,6 +42,10 @@ from pollen.runtime.artifacts import (
 )
 from pollen.state import ChangeEvent, Conflict, NotFound, ResourceStore, StoreError
 from pollen.state.events import Event, EventLog
+
+if TYPE_CHECKING:
+    from pollen.runtime.host import InstanceHost
+    from pollen.runtime.telemetry import NodeTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -521,8 +525,17 @@ def create_app(
     proxy: NodeProxy | None = None,
     artifacts: ArtifactStore | None = None,
     fetcher: ArtifactFetcher | None = None,
+    instances: Callable[[], InstanceHost | None] | None = None,
+    telemetry: Callable[[NodeTelemetry | None], NodeTelemetry] | None = None,
 ) -> web.Application:
-    """The aiohttp application serving ``docs/api.md`` for one node."""
+    """The aiohttp application serving ``docs/api.md`` for one node.
+
+    ``instances`` returns the node's instance host (None until it has one) for the logs and
+    usage routes; ``telemetry`` samples the machine (psutil by default) for ``nodes/NAME/usage``.
+    """
+    # Imported here: the observe routes build on this module's keys and helpers.
+    from pollen.api.observe import NodeSampler, add_routes
+
     if not token:
         raise ValueError("the API needs a non-empty bearer token")
     app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY_BYTES)
@@ -534,6 +547,11 @@ def create_app(
     app[PROXY_KEY] = proxy
     app[ARTIFACTS_KEY] = artifacts
     app[FETCHER_KEY] = fetcher
+    add_routes(
+        app,
+        instances=instances,
+        sampler=NodeSampler(telemetry) if telemetry is not None else None,
+    )
     app.router.add_get("/healthz", _healthz)
     app.router.add_get(f"{PREFIX}/events", _events)
     app.router.add_post(f"{PREFIX}/apply", _apply)
