@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -811,6 +811,95 @@ def parse_wait_for(text: str) -> WaitFor:
     )
 
 
+# --- logs and top -----------------------------------------------------------------------------
+
+
+def log_text(line: Obj, *, prefix: bool = False, timestamps: bool = False) -> str:
+    """One log line as ``pctl logs`` prints it: the text as the workload wrote it, after
+    ``[node/replica]`` with ``prefix`` (kubectl's ``--prefix``) and the time with
+    ``timestamps``."""
+    parts = []
+    if prefix:
+        parts.append(f"[{_text(line.get('node'))}/{_text(line.get('replica'))}]")
+    if timestamps:
+        parts.append(_text(line.get("time")))
+    parts.append(str(line.get("text", "")))
+    return " ".join(parts)
+
+
+def cpu_time(seconds: Any) -> str:
+    """CPU time used, ``0.42s``, ``12.3s``, or kubectl-style ages beyond two minutes."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return "<unknown>"
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return human_duration(seconds)
+
+
+def top_memory(size: Any) -> str:
+    """Bytes as ``kubectl top`` shows them: ``1234Mi``, ``512Ki`` below one MiB."""
+    if not isinstance(size, int) or isinstance(size, bool):
+        return "<unknown>"
+    if size <= 0:
+        return "0"
+    return f"{size >> 20}Mi" if size >= 1 << 20 else f"{size >> 10}Ki"
+
+
+def _percent(value: Any) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "<unknown>"
+    return f"{round(value)}%"
+
+
+TOP_NODE_HEADERS = ["NAME", "CPU%", "MEMORY", "MEMORY%", "INSTANCES"]
+TOP_WORKLOAD_HEADERS = ["NAME", "REPLICAS", "REQUESTS", "ERRORS", "CPU", "MEMORY"]
+
+
+def top_node_row(name: str, metrics: Obj | None) -> list[str]:
+    """A ``pctl top nodes`` row from a NodeMetrics object (None: the node did not answer)."""
+    usage = _get(metrics, "usage") or {}
+    instances = usage.get("instances")
+    return [
+        name,
+        _percent(usage.get("cpuPercent")),
+        top_memory(usage.get("memoryUsedBytes")),
+        _percent(usage.get("memoryPercent")),
+        str(instances) if isinstance(instances, int) else "<unknown>",
+    ]
+
+
+def top_workload_row(name: str, metrics: Obj | None) -> list[str]:
+    """A ``pctl top workloads`` row from a WorkloadMetrics object: the replicas' sums.
+
+    MEMORY is, per replica, the linear memory of its instances now or, when none runs (an
+    ``http`` workload between requests), the most one instance reached; summed.
+    """
+    if metrics is None:
+        return [name, *["<unknown>"] * 5]
+    replicas = [r for r in metrics.get("replicas") or [] if isinstance(r, dict)]
+
+    def number(replica: Obj, key: str) -> float:
+        value = replica.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        return 0.0
+
+    def total(key: str) -> float:
+        return sum(number(r, key) for r in replicas)
+
+    memory = sum(max(number(r, "memoryBytes"), number(r, "memoryPeakBytes")) for r in replicas)
+    return [
+        name,
+        str(len(replicas)),
+        str(int(total("requests"))),
+        str(int(total("errors"))),
+        cpu_time(total("cpuSeconds")),
+        top_memory(int(memory)),
+    ]
+
+
 # --- the commands -----------------------------------------------------------------------------
 
 
@@ -939,7 +1028,7 @@ def _quiet_stdout() -> None:
 @click.option("--context", "context_name", metavar="NAME", help="Context to use [default: current]")
 @click.pass_context
 def main(ctx: click.Context, context_name: str | None) -> None:
-    """Control a Pollen swarm: apply, get, describe, diff, wait, delete, push."""
+    """Control a Pollen swarm: apply, get, describe, diff, wait, delete, push, logs, top."""
     ctx.obj = _State(context_name)
 
 
@@ -1361,6 +1450,118 @@ def push(ctx: click.Context, file: str, name: str | None) -> None:
     for result in results:
         click.echo(apply_line(result), err=True)
     _echo(module.digest)
+
+
+@main.command()
+@click.argument("workload")
+@click.option("-f", "--follow", is_flag=True, help="Stream new lines until the replicas stop")
+@click.option(
+    "--tail",
+    type=int,
+    default=-1,
+    metavar="N",
+    help="Only the last N lines of each replica [default: -1, every line kept]",
+)
+@click.option(
+    "--prefix/--no-prefix",
+    default=None,
+    help="Start each line with [node/replica] [default: when there are several replicas]",
+)
+@click.option("--timestamps", is_flag=True, help="Start each line with its time")
+@click.pass_context
+def logs(
+    ctx: click.Context,
+    workload: str,
+    follow: bool,
+    tail: int,
+    prefix: bool | None,
+    timestamps: bool,
+) -> None:
+    """Print the logs of a workload's replicas, wherever in the swarm they run.
+
+    With -f, new lines follow until the replicas stop; a workload not placed yet is waited for.
+    """
+    if tail < -1:
+        raise click.BadParameter("must be -1 (every line) or more", param_hint="'--tail'")
+    client = _client(ctx)
+    if prefix is None:
+        replicas = [
+            r
+            for r in client.list("replicas")
+            if _get(r, "spec", "workload") == workload and _get(r, "spec", "node")
+        ]
+        prefix = len(replicas) > 1
+    backlog: list[str] | None = []
+    try:
+        for line in client.logs(workload, follow=follow, tail=None if tail < 0 else tail):
+            kind = line.get("type")
+            if kind == "BOOKMARK":
+                if backlog is not None:
+                    if backlog:  # the kept lines in one write: click.echo flushes every call
+                        _echo("\n".join(backlog))
+                    backlog = None
+            elif kind == "WARNING":
+                click.echo(f"warning: {line.get('message')}", err=True)
+            elif kind is None:
+                text = log_text(line, prefix=prefix, timestamps=timestamps)
+                if backlog is not None:
+                    backlog.append(text)
+                else:
+                    _echo(text)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(130) from None
+    if backlog:
+        _echo("\n".join(backlog))
+
+
+@main.command()
+@click.argument("kind", metavar="nodes|workloads")
+@click.argument("name", required=False)
+@click.pass_context
+def top(ctx: click.Context, kind: str, name: str | None) -> None:
+    """Show CPU and memory of nodes, or requests, CPU and memory of workloads."""
+    info = resolve(kind)
+    if info.kind not in ("Node", "Workload"):
+        raise CliError(f"pctl top shows nodes or workloads, not {info.plural}")
+    client = _client(ctx)
+    objects = [client.get(info.plural, name)] if name else client.list(info.plural)
+    if not objects:
+        click.echo("No resources found.", err=True)
+        return
+    names = [str(_get(obj, "metadata", "name")) for obj in objects]
+    if info.kind == "Node":
+        # Only Ready nodes are asked: one that is down would hold the others' rows back.
+        wanted = [n for n, obj in zip(names, objects, strict=True) if node_status(obj) == "Ready"]
+        answers = _ask_each(client, wanted, lambda c, n: c.node_usage(n))
+        _echo(render_table(TOP_NODE_HEADERS, [top_node_row(n, answers.get(n)) for n in names]))
+        return
+    answers = _ask_each(client, names, lambda c, n: c.workload_usage(n))
+    for workload, metrics in answers.items():
+        for warning in metrics.get("warnings") or []:
+            click.echo(f"warning: workload {workload}: {warning}", err=True)
+    _echo(render_table(TOP_WORKLOAD_HEADERS, [top_workload_row(n, answers.get(n)) for n in names]))
+
+
+def _ask_each(
+    client: ApiClient, names: Sequence[str], call: Callable[[ApiClient, str], Obj]
+) -> dict[str, Obj]:
+    """``call(client, name)`` for each name, a few at a time, each thread with its own
+    connection; a name whose call failed is left out, with a warning."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pollen.api.errors import ApiError
+
+    def one(name: str) -> tuple[str, Obj | None]:
+        with client.clone() as own:
+            try:
+                return name, call(own, name)
+            except ApiError as exc:
+                click.echo(f"warning: {name}: {exc}", err=True)
+                return name, None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, names))
+    return {name: answer for name, answer in results if answer is not None}
 
 
 @main.command()
