@@ -68,7 +68,10 @@ def node_factory(
             data_dir=data_dir,
             log_path=tmp_path / f"{name}.log",
             env=pollen_env,
-            extra_args=list(extra_args),
+            # Any free mesh port: the default 7946 would collide with other runs on the machine.
+            extra_args=list(extra_args)
+            if "--listen" in extra_args
+            else ["--listen", "127.0.0.1:0", *extra_args],
             name=name,
         )
         nodes.append(node)

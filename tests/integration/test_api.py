@@ -40,7 +40,12 @@ def api_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     work = tmp_path_factory.mktemp("api")
     env = dict(os.environ, POLLEN_CONFIG=str(work / "config.yaml"))
     init_node(work / "n1", "n1", env=env)
-    node = LocalNode(data_dir=work / "n1", log_path=work / "n1.log", env=env)
+    node = LocalNode(
+        data_dir=work / "n1",
+        log_path=work / "n1.log",
+        env=env,
+        extra_args=["--listen", "127.0.0.1:0"],
+    )
     node.start()
     yield node
     node.kill()
@@ -136,8 +141,10 @@ def test_apply_get_list_delete_round_trip(api_node: LocalNode) -> None:
     with pytest.raises(ApiError) as err:
         client.get("workloads", "web")
     assert err.value.code == 404
+    # The API's own events, in order (placement adds its own about the Workload too).
+    api_reasons = {"Created", "Configured", "Deleted"}
     reasons = [e["reason"] for e in client.events(kind="Workload", name="web")]
-    assert reasons == ["Created", "Configured", "Deleted"]
+    assert [r for r in reasons if r in api_reasons] == ["Created", "Configured", "Deleted"]
 
 
 def test_label_selector_filters(api_node: LocalNode) -> None:
@@ -239,7 +246,7 @@ def test_watch_streams_existing_then_changes(api_node: LocalNode) -> None:
                 seen.append(("BOOKMARK", ""))
                 continue
             seen.append((event["type"], event["object"]["metadata"]["name"]))
-            if event["type"] == "DELETED":
+            if event["type"] == "DELETED" and event["object"]["metadata"]["name"] == "after":
                 return
 
     reader = threading.Thread(target=consume, daemon=True)
@@ -250,8 +257,11 @@ def test_watch_streams_existing_then_changes(api_node: LocalNode) -> None:
     client.delete("workloads", "after")
     reader.join(timeout=20)
     assert seen[:2] == [("ADDED", "before"), ("BOOKMARK", "")]
-    changes = [s for s in seen[2:] if s[0] != "BOOKMARK"]
-    assert changes == [("ADDED", "after"), ("MODIFIED", "after"), ("DELETED", "after")]
+    # Placement writes the status of both Workloads too: more MODIFIED events may come; the
+    # changes of "after", with repeats folded, are still exactly these.
+    changes = [kind for kind, name in seen[2:] if name == "after"]
+    folded = [kind for i, kind in enumerate(changes) if i == 0 or changes[i - 1] != kind]
+    assert folded == ["ADDED", "MODIFIED", "DELETED"]
 
 
 json_values = st.recursive(

@@ -63,7 +63,12 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     work = tmp_path_factory.mktemp("pctl")
     env = dict(os.environ, POLLEN_CONFIG=str(work / "config.yaml"))
     init_node(work / "node-1", "node-1", env=env)
-    node = LocalNode(data_dir=work / "node-1", log_path=work / "node-1.log", env=env)
+    node = LocalNode(
+        data_dir=work / "node-1",
+        log_path=work / "node-1.log",
+        env=env,
+        extra_args=["--listen", "127.0.0.1:0"],
+    )
     node.start()
     try:
         # The node points its context at the port it really bound, just after serving.
