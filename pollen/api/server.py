@@ -23,6 +23,7 @@ from pollen.mesh.fetch import ArtifactFetcher, ArtifactUnavailable
 from pollen.resources import (
     API_VERSION,
     KIND_MODELS,
+    Artifact,
     InvalidResource,
     Resource,
     Workload,
@@ -30,6 +31,7 @@ from pollen.resources import (
     validate_object,
 )
 from pollen.resources.models import is_local_path
+from pollen.resources.signing import SignatureError, verify_artifact
 from pollen.runtime.artifacts import (
     CHUNK_BYTES,
     ArtifactNotFound,
@@ -64,6 +66,8 @@ TOKEN_KEY = web.AppKey("token", str)
 NODE_NAME_KEY = web.AppKey("node_name", str)
 RttEstimate = Callable[[str], float | None]
 RTT_KEY: web.AppKey[RttEstimate] = web.AppKey("rtt")
+Holders = Callable[[str], list[str]]
+HOLDERS_KEY: web.AppKey[Holders] = web.AppKey("holders")
 PROXY_KEY: web.AppKey[NodeProxy | None] = web.AppKey("proxy")
 ARTIFACTS_KEY: web.AppKey[ArtifactStore | None] = web.AppKey("artifacts")
 FETCHER_KEY: web.AppKey[ArtifactFetcher | None] = web.AppKey("fetcher")
@@ -160,12 +164,15 @@ def _list_body(items: list[dict[str, Any]], kind: str = "List") -> dict[str, Any
 
 
 def _present(request: web.Request, obj: Resource) -> dict[str, Any]:
-    """An object as this node serves it: Nodes get the RTT this node estimates to them."""
+    """An object as this node serves it: Nodes get the RTT this node estimates to them,
+    Artifacts the nodes that hold their bytes as far as this node knows."""
     data = to_dict(obj)
     if obj.kind == "Node":
         rtt = request.app[RTT_KEY](obj.metadata.name)
         if rtt is not None:
             data.setdefault("status", {})["estimatedRTTMs"] = round(rtt * 1000, 3)
+    elif isinstance(obj, Artifact):
+        data.setdefault("status", {})["holders"] = request.app[HOLDERS_KEY](obj.spec.digest)
     return data
 
 
@@ -219,6 +226,8 @@ def _validate_items(payload: Any) -> list[Resource]:
                     field="spec.artifact",
                     loc=("spec", "artifact"),
                 )
+            if isinstance(resource, Artifact):
+                _check_signature(resource)
             resources.append(resource)
         except InvalidResource as exc:
             where = f"items[{index}]"
@@ -236,6 +245,15 @@ def _validate_items(payload: Any) -> list[Resource]:
                 {"index": index, "field": exc.field},
             ) from exc
     return resources
+
+
+def _check_signature(artifact: Artifact) -> None:
+    """A signature, when an Artifact carries one, must verify: a forged or mismatched one is
+    refused here, where the user is (ADR 0016); the node that runs it checks again."""
+    try:
+        verify_artifact(artifact)
+    except SignatureError as exc:
+        raise InvalidResource(str(exc), field="spec.signature", loc=("spec", "signature")) from None
 
 
 async def _apply(request: web.Request) -> web.Response:
@@ -522,6 +540,7 @@ def create_app(
     token: str,
     node_name: str,
     rtt: RttEstimate | None = None,
+    holders: Holders | None = None,
     proxy: NodeProxy | None = None,
     artifacts: ArtifactStore | None = None,
     fetcher: ArtifactFetcher | None = None,
@@ -544,6 +563,7 @@ def create_app(
     app[TOKEN_KEY] = token
     app[NODE_NAME_KEY] = node_name
     app[RTT_KEY] = rtt or (lambda _name: None)
+    app[HOLDERS_KEY] = holders or (lambda _digest: [])
     app[PROXY_KEY] = proxy
     app[ARTIFACTS_KEY] = artifacts
     app[FETCHER_KEY] = fetcher

@@ -44,6 +44,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Replica": ("replicas", ("rep",)),
     "Artifact": ("artifacts", ("art",)),
     "Node": ("nodes", ("no",)),
+    "TrustPolicy": ("trustpolicies", ("tp",)),
 }
 _ALIASES: dict[str, str] = {
     alias: kind
@@ -294,6 +295,15 @@ def _replica_row(obj: Obj, now: datetime, wide: bool) -> list[str]:
     return row
 
 
+def short_signer(value: Any) -> str:
+    """``ed25519:`` and the first 12 base64 characters of the key, as ``short_digest`` does."""
+    text = "" if value is None else str(value)
+    algo, sep, key = text.partition(":")
+    if sep and algo == "ed25519" and len(key) > 12:
+        return f"ed25519:{key[:12]}"
+    return text
+
+
 def _artifact_row(obj: Obj, now: datetime, wide: bool) -> list[str]:
     spec = obj.get("spec") or {}
     row = [
@@ -303,7 +313,28 @@ def _artifact_row(obj: Obj, now: datetime, wide: bool) -> list[str]:
         format_age(_get(obj, "metadata", "creationTimestamp"), now),
     ]
     if wide:
-        row.append(_text(spec.get("signer")))
+        # A signer without a signature is a claim nobody checked: the artifact is unsigned.
+        signed = spec.get("signature") and spec.get("signer")
+        holders = _get(obj, "status", "holders")
+        row += [
+            short_signer(spec.get("signer")) if signed else "<unsigned>",
+            ",".join(map(str, holders)) if isinstance(holders, list) and holders else "<none>",
+        ]
+    return row
+
+
+def _trust_policy_row(obj: Obj, now: datetime, wide: bool) -> list[str]:
+    spec = obj.get("spec") or {}
+    signers = spec.get("trustedSigners")
+    signers = signers if isinstance(signers, list) else []
+    row = [
+        _text(_get(obj, "metadata", "name")),
+        "Allowed" if spec.get("allowUnsigned", True) is not False else "Refused",
+        str(len(signers)),
+        format_age(_get(obj, "metadata", "creationTimestamp"), now),
+    ]
+    if wide:
+        row.append(",".join(short_signer(s) for s in signers) or "<none>")
     return row
 
 
@@ -335,14 +366,16 @@ _COLUMNS: dict[str, tuple[list[str], list[str]]] = {
         ["GENERATION", "MEMORY", "CPU", "SELECTOR"],
     ),
     "Replica": (["NAME", "WORKLOAD", "NODE", "PHASE", "AGE"], ["SCORE", "ARTIFACT"]),
-    "Artifact": (["NAME", "DIGEST", "SIZE", "AGE"], ["SIGNER"]),
+    "Artifact": (["NAME", "DIGEST", "SIZE", "AGE"], ["SIGNER", "HOLDERS"]),
     "Node": (["NAME", "STATUS", "ADDRESSES", "AGE"], ["RTT", "CPU", "MEMORY", "LABELS", "API"]),
+    "TrustPolicy": (["NAME", "UNSIGNED", "SIGNERS", "AGE"], ["TRUSTED"]),
 }
 _ROWS = {
     "Workload": _workload_row,
     "Replica": _replica_row,
     "Artifact": _artifact_row,
     "Node": _node_row,
+    "TrustPolicy": _trust_policy_row,
 }
 
 
@@ -1434,16 +1467,40 @@ def events(ctx: click.Context, watch: bool, for_: str | None) -> None:
 @main.command()
 @click.argument("file", metavar="FILE")
 @click.option("--name", metavar="NAME", help="The Artifact's name [default: from the file name]")
+@click.option(
+    "--sign-key",
+    metavar="KEY",
+    help="Sign the digest and manifest with this publisher key (from 'pollen key create')",
+)
+@click.option("--version", "version", metavar="VERSION", help="The module's version, as published")
+@click.option(
+    "--executor",
+    type=click.Choice(["http", "command"]),
+    help="The executor the module is written for",
+)
+@click.option("--memory-mb", type=int, metavar="MB", help="Memory one instance needs, declared")
 @click.pass_context
-def push(ctx: click.Context, file: str, name: str | None) -> None:
+def push(
+    ctx: click.Context,
+    file: str,
+    name: str | None,
+    sign_key: str | None,
+    version: str | None,
+    executor: str | None,
+    memory_mb: int | None,
+) -> None:
     """Upload a WebAssembly module and record it as an Artifact; prints its digest."""
     from pathlib import Path
 
-    from pollen.cli.push import PushError, read_module
+    from pollen.cli.push import PushError, read_module, read_sign_key, sign_module
     from pollen.cli.push import push as push_module
 
     try:
-        module = read_module(Path(file), name)
+        module = read_module(
+            Path(file), name, version=version, executor=executor, memory_mb=memory_mb
+        )
+        if sign_key is not None:
+            module = sign_module(module, read_sign_key(Path(sign_key)))
         results = push_module(_client(ctx), module)
     except PushError as exc:
         raise CliError(str(exc)) from None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from pollen.cli.keys import key
 from pollen.mesh.identity import IdentityError, default_node_name, init_data_dir
 
 DEFAULT_API = "127.0.0.1:7070"
@@ -258,6 +259,9 @@ def token_create(data_dir: Path, ttl: str, addresses: tuple[str, ...]) -> None:
             now=datetime.now(UTC),
         )
     )
+
+
+main.add_command(key)
 
 
 def _parse_ttl(text: str) -> float:

@@ -4,6 +4,8 @@ Pushing a module is two requests to the node pctl talks to: upload the bytes und
 digest (``PUT .../blobs/sha256:<hex>``, skipped when the node already holds them), then apply
 an Artifact ``{digest, size}`` named after the file. The node announces what it holds in
 membership gossip, and any other node that needs the module fetches it from there (ADR 0012).
+With a publisher key, the Artifact carries its signer and a signature over the digest and its
+manifest (ADR 0016), made here: the key never leaves the publisher's machine.
 
 Imported only by the commands that push: it brings in pydantic through the resource models.
 """
@@ -16,18 +18,29 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pollen.api.client import ApiClient
 from pollen.resources.loader import STDIN_NAME, LoadedResource
 from pollen.resources.models import (
     API_VERSION,
+    Artifact,
     ArtifactReference,
     Workload,
     artifact_reference,
 )
+from pollen.resources.signing import (
+    ArtifactManifest,
+    SignatureError,
+    load_private_key,
+    sign,
+    signer_id,
+)
 from pollen.resources.validation import InvalidResource, validate_object
 from pollen.runtime.artifacts import MAX_ARTIFACT_BYTES, sha256_digest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "WASM_MAGIC",
@@ -37,7 +50,9 @@ __all__ = [
     "name_for",
     "push",
     "read_module",
+    "read_sign_key",
     "resolve_paths",
+    "sign_module",
     "upload",
 ]
 
@@ -51,12 +66,18 @@ class PushError(Exception):
 
 @dataclass(frozen=True)
 class Module:
-    """A WebAssembly module read from a file: its bytes, their digest, the Artifact name."""
+    """A WebAssembly module read from a file: its bytes, their digest, the Artifact name,
+    what its publisher declares of it, and the publisher's signature once signed."""
 
     path: Path
     data: bytes
     digest: str
     name: str
+    version: str | None = None
+    executor: str | None = None
+    memory_mb: int | None = None
+    signer: str | None = None
+    signature: str | None = None
 
     @property
     def size(self) -> int:
@@ -78,12 +99,19 @@ def name_for(path: Path) -> str:
     return name
 
 
-def read_module(path: Path, name: str | None = None) -> Module:
+def read_module(
+    path: Path,
+    name: str | None = None,
+    *,
+    version: str | None = None,
+    executor: str | None = None,
+    memory_mb: int | None = None,
+) -> Module:
     """Read ``path`` as a module to push; refuse what no WASM executor could run.
 
     Refused, each with one sentence: a file that cannot be read, an empty one, one over
     :data:`~pollen.runtime.artifacts.MAX_ARTIFACT_BYTES`, one that does not start with the
-    WebAssembly magic ``\\0asm``, and an Artifact name that is not a valid object name.
+    WebAssembly magic ``\\0asm``, and an Artifact name or declared field that is not valid.
     """
     try:
         with open(path, "rb") as file:
@@ -106,22 +134,64 @@ def read_module(path: Path, name: str | None = None) -> Module:
         raise PushError(
             f"{path}: not a WebAssembly module (it does not start with the bytes \\0asm)"
         )
-    module = Module(path, data, sha256_digest(data), name if name is not None else name_for(path))
+    module = Module(
+        path,
+        data,
+        sha256_digest(data),
+        name if name is not None else name_for(path),
+        version=version,
+        executor=executor,
+        memory_mb=memory_mb,
+    )
     try:
         validate_object(artifact_object(module))
     except InvalidResource as exc:
-        raise PushError(f"Artifact name {module.name!r}: {exc.message}") from None
+        if exc.field == "metadata.name":
+            raise PushError(f"Artifact name {module.name!r}: {exc.message}") from None
+        raise PushError(f"Artifact {module.name!r}: {exc}") from None
     return module
 
 
 def artifact_object(module: Module) -> dict[str, Any]:
     """The Artifact resource recording ``module``."""
+    spec: dict[str, Any] = {"digest": module.digest, "size": module.size}
+    optional = {
+        "version": module.version,
+        "executor": module.executor,
+        "signer": module.signer,
+        "signature": module.signature,
+    }
+    spec.update({key: value for key, value in optional.items() if value is not None})
+    if module.memory_mb is not None:
+        spec["needs"] = {"memoryMB": module.memory_mb}
     return {
         "apiVersion": API_VERSION,
         "kind": "Artifact",
         "metadata": {"name": module.name},
-        "spec": {"digest": module.digest, "size": module.size},
+        "spec": spec,
     }
+
+
+def read_sign_key(path: Path) -> Ed25519PrivateKey:
+    """A publisher key (PEM, as ``pollen key create`` writes it) from ``path``."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(64 * 1024)
+    except OSError as exc:
+        raise PushError(f"{path}: {(exc.strerror or str(exc)).lower()}") from None
+    try:
+        return load_private_key(data)
+    except SignatureError as exc:
+        raise PushError(f"{path}: {exc}") from None
+
+
+def sign_module(module: Module, key: Ed25519PrivateKey) -> Module:
+    """``module`` signed by ``key``: the signature covers the digest and the manifest the
+    Artifact states, exactly as every node reads it back (``ArtifactManifest.of``)."""
+    artifact = validate_object(artifact_object(module))
+    assert isinstance(artifact, Artifact)
+    signature = sign(key, ArtifactManifest.of(artifact))
+    return dataclasses.replace(module, signer=signer_id(key), signature=signature)
 
 
 def upload(client: ApiClient, module: Module) -> None:

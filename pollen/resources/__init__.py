@@ -1,6 +1,7 @@
 """Resources: the models, and reading, validating and describing them.
 
-``models`` defines Workload, Replica, Artifact and Node; ``loader`` reads YAML/JSON manifests;
+``models`` defines Workload, Replica, Artifact, Node and TrustPolicy; ``signing`` signs and
+verifies artifacts and judges them by the trust policy; ``loader`` reads YAML/JSON manifests;
 ``validation`` holds the rules shared by the loader and the HTTP API; ``errors`` phrases
 validation errors; ``schema`` produces JSON Schema for editors; ``conditions`` updates status
 conditions. Everything here is pure: no I/O besides reading the files a caller names.
@@ -22,7 +23,9 @@ from pollen.resources.models import (
     DIGEST_RE,
     KIND_MODELS,
     Artifact,
+    ArtifactNeeds,
     ArtifactSpec,
+    ArtifactStatus,
     Budget,
     Capacity,
     Condition,
@@ -41,6 +44,8 @@ from pollen.resources.models import (
     ResourceRequirements,
     Spread,
     Status,
+    TrustPolicy,
+    TrustPolicySpec,
     UnknownKindError,
     Workload,
     WorkloadSpec,
@@ -60,7 +65,9 @@ __all__ = [
     "MAX_DOCUMENT_BYTES",
     "MAX_NESTING_DEPTH",
     "Artifact",
+    "ArtifactNeeds",
     "ArtifactSpec",
+    "ArtifactStatus",
     "Budget",
     "Capacity",
     "Condition",
@@ -84,6 +91,8 @@ __all__ = [
     "SourceLocation",
     "Spread",
     "Status",
+    "TrustPolicy",
+    "TrustPolicySpec",
     "UnknownKindError",
     "Workload",
     "WorkloadSpec",

@@ -1,4 +1,4 @@
-"""The resource model: Workload, Replica, Artifact and Node, the Kubernetes way.
+"""The resource model: Workload, Replica, Artifact, Node and TrustPolicy, the Kubernetes way.
 
 Every resource has ``apiVersion``, ``kind``, ``metadata`` (identity and bookkeeping), ``spec``
 (desired state, written by users) and ``status`` (observed state, written by reconcilers).
@@ -351,13 +351,34 @@ class Replica(Resource):
 # --- Artifact -------------------------------------------------------------------------------
 
 
+class ArtifactNeeds(Model):
+    """What the publisher declares one instance of the module needs (signed with it)."""
+
+    memory_mb: Annotated[int, Field(strict=True, ge=1, le=1_048_576)] | None = Field(
+        default=None, alias="memoryMB"
+    )
+
+
 class ArtifactSpec(Model):
+    """An artifact's manifest. With a ``signature``, ``signer`` signed the digest and the
+    manifest fields (``pollen.resources.signing``); without one, ``signer`` is an unverified
+    claim and the artifact counts as unsigned."""
+
     digest: Digest
     size: Annotated[int, Field(strict=True, ge=0)]
     media_type: Annotated[str, StringConstraints(max_length=255)] = "application/wasm"
     version: Annotated[str, StringConstraints(max_length=255)] | None = None
+    #: The executor the module is written for, as its publisher declares it.
+    executor: Executor | None = None
+    needs: ArtifactNeeds | None = None
     signer: Annotated[str, StringConstraints(max_length=1024)] | None = None
     signature: Annotated[str, StringConstraints(max_length=1024)] | None = None
+
+
+class ArtifactStatus(Status):
+    #: The nodes that advertise the artifact's bytes in membership gossip, as the node that
+    #: answered the request sees them. Filled in when served; never stored in the document.
+    holders: list[ObjectName] | None = None
 
 
 class Artifact(Resource):
@@ -369,7 +390,7 @@ class Artifact(Resource):
 
     kind: Literal["Artifact"] = "Artifact"
     spec: ArtifactSpec
-    status: Status = Field(default_factory=Status)
+    status: ArtifactStatus = Field(default_factory=ArtifactStatus)
 
 
 # --- Node -----------------------------------------------------------------------------------
@@ -410,10 +431,66 @@ class Node(Resource):
     status: NodeStatus = Field(default_factory=NodeStatus)
 
 
+# --- TrustPolicy ----------------------------------------------------------------------------
+
+#: The name of the one TrustPolicy of a swarm.
+TRUST_POLICY_NAME = "cluster"
+#: A signer: ``ed25519:`` and the standard base64 of a raw 32-byte Ed25519 public key. The last
+#: character before ``=`` carries 4 bits and 2 zero bits, so every key has exactly one spelling.
+SIGNER_RE = re.compile(r"^ed25519:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
+
+
+def _check_signer(value: str) -> str:
+    if not SIGNER_RE.fullmatch(value):
+        raise ValueError(
+            "must be ed25519: followed by the base64 of a 32-byte public key, as "
+            "'pollen key create' prints it"
+        )
+    return value
+
+
+SignerId = Annotated[str, AfterValidator(_check_signer)]
+
+
+class TrustPolicySpec(Model):
+    """Which artifacts nodes may run. A signature that does not verify never runs."""
+
+    #: Whether artifacts without a trusted signature (unsigned, or signed by a key not listed
+    #: below) may run. True when no TrustPolicy exists, so that a new swarm runs what it is given.
+    allow_unsigned: StrictBool = True
+    #: The publishers whose signatures are trusted.
+    trusted_signers: list[SignerId] = Field(default_factory=list)
+
+
+def _check_trust_policy_name(value: str) -> str:
+    if value != TRUST_POLICY_NAME:
+        raise ValueError(f'there is one trust policy for the swarm, named "{TRUST_POLICY_NAME}"')
+    return value
+
+
+class TrustPolicyMeta(ObjectMeta):
+    """A TrustPolicy's metadata: the name is always ``cluster``."""
+
+    name: Annotated[str, AfterValidator(_check_trust_policy_name)]
+
+
+class TrustPolicy(Resource):
+    """The swarm's trust policy for artifacts: one object, named ``cluster``."""
+
+    KIND: ClassVar[str] = "TrustPolicy"
+    PLURAL: ClassVar[str] = "trustpolicies"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("tp",)
+
+    kind: Literal["TrustPolicy"] = "TrustPolicy"
+    metadata: TrustPolicyMeta
+    spec: TrustPolicySpec = Field(default_factory=TrustPolicySpec)
+    status: Status = Field(default_factory=Status)
+
+
 # --- Registry and conversion ----------------------------------------------------------------
 
 KIND_MODELS: dict[str, type[Resource]] = {
-    model.KIND: model for model in (Workload, Replica, Artifact, Node)
+    model.KIND: model for model in (Workload, Replica, Artifact, Node, TrustPolicy)
 }
 
 _KIND_ALIASES: dict[str, str] = {}
@@ -423,7 +500,7 @@ for _model in KIND_MODELS.values():
 
 
 class UnknownKindError(ValueError):
-    """A kind name that is none of Workload, Replica, Artifact, Node or their aliases."""
+    """A kind name that is none of the kinds in :data:`KIND_MODELS` or their aliases."""
 
 
 def resolve_kind(name: str) -> str:

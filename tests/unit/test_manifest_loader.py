@@ -278,7 +278,7 @@ def test_bad_name() -> None:
         (
             "apiVersion: pollen.dev/v1alpha1\nkind: Pod\n",
             'hello.yaml: document 1, line 2: kind: unknown kind "Pod"; '
-            "known kinds: Artifact, Node, Replica, Workload",
+            "known kinds: Artifact, Node, Replica, TrustPolicy, Workload",
         ),
         (
             "apiVersion: pollen.dev/v1alpha1\nkind: workload\n",

@@ -256,9 +256,33 @@ def test_artifact_table() -> None:
         ["NAME", "DIGEST", "SIZE", "AGE"],
         ["hello-wasm", "sha256:ab12ab12ab12", "22KiB", "2d"],
     ]
+    # A signer without a signature is a claim nobody checked.
     wide = lines(object_table([artifact()], "Artifact", NOW, wide=True))
-    assert wide[0][-1] == "SIGNER"
-    assert wide[1][-1] == "ed25519:abc"
+    assert wide == [
+        ["NAME", "DIGEST", "SIZE", "AGE", "SIGNER", "HOLDERS"],
+        ["hello-wasm", "sha256:ab12ab12ab12", "22KiB", "2d", "<unsigned>", "<none>"],
+    ]
+    signed = artifact()
+    signed["spec"].update(signer="ed25519:" + "Ab" * 21 + "A=", signature="c2ln")
+    signed["status"]["holders"] = ["node-1", "node-3"]
+    assert lines(object_table([signed], "Artifact", NOW, wide=True))[1][-2:] == [
+        "ed25519:AbAbAbAbAbAb",
+        "node-1,node-3",
+    ]
+
+
+def test_trust_policy_table() -> None:
+    key = "ed25519:" + "Q" * 43 + "="
+    policy = {
+        "apiVersion": "pollen.dev/v1alpha1",
+        "kind": "TrustPolicy",
+        "metadata": meta("cluster", ago(hours=1)),
+        "spec": {"allowUnsigned": False, "trustedSigners": [key]},
+    }
+    assert lines(object_table([policy], "TrustPolicy", NOW, wide=True)) == [
+        ["NAME", "UNSIGNED", "SIGNERS", "AGE", "TRUSTED"],
+        ["cluster", "Refused", "1", "60m", "ed25519:QQQQQQQQQQQQ"],
+    ]
 
 
 @pytest.mark.parametrize(

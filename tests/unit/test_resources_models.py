@@ -242,6 +242,15 @@ EXAMPLES: dict[str, dict[str, Any]] = {
             ]
         },
     },
+    "TrustPolicy": {
+        "apiVersion": API_VERSION,
+        "kind": "TrustPolicy",
+        "metadata": {"name": "cluster"},
+        "spec": {
+            "allowUnsigned": False,
+            "trustedSigners": ["ed25519:" + "A" * 43 + "="],
+        },
+    },
 }
 
 
@@ -261,9 +270,11 @@ def test_minimal_resource_of_every_kind_round_trips(kind: str) -> None:
         "Replica": {"workload": "w"},
         "Artifact": {"digest": "sha256:" + "0" * 64, "size": 0},
         "Node": {},
+        "TrustPolicy": {},
     }[kind]
+    name = "cluster" if kind == "TrustPolicy" else "x"
     resource = from_dict(
-        {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": "x"}, "spec": minimal}
+        {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": minimal}
     )
     assert from_dict(to_dict(resource)) == resource
 
@@ -355,7 +366,7 @@ def test_resolve_kind(name: str, kind: str) -> None:
 
 
 def test_resolve_kind_unknown_lists_known_kinds() -> None:
-    with pytest.raises(UnknownKindError, match="Artifact, Node, Replica, Workload"):
+    with pytest.raises(UnknownKindError, match="Artifact, Node, Replica, TrustPolicy, Workload"):
         resolve_kind("pods")
 
 
