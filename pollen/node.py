@@ -181,6 +181,7 @@ class PollenNode:
             token=self.identity.api_token,
             node_name=self.name,
             rtt=self.mesh.estimated_rtt,
+            holders=self._holders,
             proxy=self.proxy,
             artifacts=artifacts,
             fetcher=self.fetcher,
@@ -307,8 +308,23 @@ class PollenNode:
                 )
         return live
 
+    def _holders(self, digest: str) -> list[str]:
+        """The nodes holding ``digest``'s bytes: this one by its store, the others alive or
+        suspected by what they announce in membership gossip."""
+        holders: set[str] = set()
+        if self.mesh is not None:
+            live = (MemberState.ALIVE, MemberState.SUSPECT)
+            for name, member in self.mesh.members().items():
+                if member.state in live and digest in member.meta.artifacts:
+                    holders.add(name)
+        if self.artifacts is not None and self.artifacts.has(digest):
+            holders.add(self.name)
+        return sorted(holders)
+
     def _enqueue_for(self, change: ChangeEvent) -> None:
-        """Placement of a Workload depends on more than the Workload: map other changes to it."""
+        """Placement of a Workload depends on more than the Workload: map other changes to it.
+        Whether this node may run its Replicas depends on the trust policy and on the
+        Artifacts recorded for their digests (ADR 0016): map those to its Replicas."""
         reconcilers = self.reconcilers
         if reconcilers is None:
             return
@@ -318,6 +334,12 @@ class PollenNode:
                 reconcilers.enqueue("Workload", workload)
         elif change.kind in ("Node", "Artifact"):
             self._enqueue_workloads()
+        if change.kind in ("Artifact", "TrustPolicy") and self.store is not None:
+            digest = getattr(change.object.spec, "digest", None)
+            for replica in self.store.list("Replica"):
+                spec = replica.spec
+                if spec.node == self.name and (digest is None or spec.artifact == digest):
+                    reconcilers.enqueue("Replica", replica.name)
 
     def _enqueue_workloads(self) -> None:
         if self.reconcilers is not None and self.store is not None:

@@ -3,9 +3,11 @@
 For each Replica this node holds (``spec.node`` is this node), it makes sure an instance runs:
 the artifact is fetched if this node lacks it (digest verified by the fetcher), compiled (from
 the module cache when warm), started; the Replica's ``status.phase`` and ``Ready`` condition
-follow the instance. An instance whose Replica is gone, marked for deletion, or now held
-elsewhere is drained and stopped. Instance phase changes come back through
-:class:`~pollen.runtime.host.InstanceHost`'s callback, so a crash is seen at once.
+follow the instance. The swarm's TrustPolicy must allow the artifact first (ADR 0016): what it
+refuses does not run, and its Replica is Failed with the refusal's reason. An instance whose
+Replica is gone, marked for deletion, or now held elsewhere is drained and stopped. Instance
+phase changes come back through :class:`~pollen.runtime.host.InstanceHost`'s callback, so a
+crash is seen at once.
 
 Phases are written to the document only when they change: a handful of writes per replica
 lifetime, as SPEC section 5 wants of what goes there.
@@ -18,7 +20,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from pollen.reconcilers import Context, Request, Result, TemporaryError
-from pollen.resources.models import ConditionStatus, Replica, ReplicaPhase, Workload
+from pollen.resources.models import (
+    TRUST_POLICY_NAME,
+    Artifact,
+    ConditionStatus,
+    Replica,
+    ReplicaPhase,
+    TrustPolicy,
+    Workload,
+)
+from pollen.resources.signing import Verdict, evaluate
 from pollen.runtime.executors import CommandExecutor
 from pollen.runtime.host import HostedInstance, InstanceHost
 
@@ -66,6 +77,14 @@ class ReplicaRunner:
             # Claims are per revision, so this is a Replica name reused: start afresh.
             await self._host.stop(request.name)
             hosted = None
+        verdict = _trust(replica, context)
+        if not verdict.allowed:
+            # Checked on every pass, not only before a start: a policy that stops trusting a
+            # publisher stops what runs of theirs too.
+            if hosted is not None:
+                await self._host.stop(request.name)
+            _refuse(replica, workload, verdict, context)
+            return Result.done()  # the node enqueues its Replicas when the policy changes
         if hosted is None:
             hosted = await self._start(replica, workload, context)
         self._report(replica, hosted, context)
@@ -131,6 +150,44 @@ class ReplicaRunner:
             ConditionStatus.TRUE if ready else ConditionStatus.FALSE,
             reason=reason,
             message=message,
+        )
+
+
+def _trust(replica: Replica, context: Context) -> Verdict:
+    """What this node's trust policy says of the Replica's bytes, judged from this node's own
+    document: signatures are verified here again, whatever the applying node checked."""
+    digest = replica.spec.artifact
+    if not digest:
+        return Verdict(True, "NoArtifact", "")  # nothing to judge yet; _start waits for it
+    policy = context.get("TrustPolicy", TRUST_POLICY_NAME)
+    artifacts = [a for a in context.list("Artifact") if isinstance(a, Artifact)]
+    return evaluate(digest, artifacts, policy.spec if isinstance(policy, TrustPolicy) else None)
+
+
+def _refuse(replica: Replica, workload: Workload, verdict: Verdict, context: Context) -> None:
+    """Report a Replica the trust policy refuses: Failed, ``Ready=False`` with the verdict's
+    reason, and one Warning event when that reason is new."""
+    before = replica.condition("Ready")
+    context.update_status(
+        "Replica",
+        replica.name,
+        {"phase": ReplicaPhase.FAILED.value, "node": context.node_name, "message": verdict.message},
+    )
+    context.set_condition(
+        "Replica",
+        replica.name,
+        "Ready",
+        ConditionStatus.FALSE,
+        reason=verdict.reason,
+        message=verdict.message,
+    )
+    if before is None or before.reason != verdict.reason:
+        context.record_event(
+            "Replica",
+            replica.name,
+            verdict.reason,
+            f"not running {workload.name} on {context.node_name}: {verdict.message}",
+            warning=True,
         )
 
 
