@@ -184,7 +184,9 @@ def _bench_kill() -> tuple[Row, str]:
 
 
 def _sim_case(nodes: int, replicas: int, seed: int) -> tuple[int, float | None]:
-    sim = Simulation(nodes, seed=seed)
+    # 500 nodes all running SWIM cost a quarter of an hour of CPU per case; from 500 on, who is
+    # alive comes from the simulator's oracle (the claims still travel by document gossip).
+    sim = Simulation(nodes, seed=seed, membership=nodes < 500)
     rng = random.Random(seed)
     facts = {
         name: NodeFacts(name, 4096, 4000, load=rng.choice([0.0, 0.2, 0.5, 0.8]))
@@ -229,8 +231,9 @@ def _bench_sim() -> tuple[list[Row], str]:
         )
     return rows, (
         "Claims in the simulator: nodes with random loads (0, 0.2, 0.5, 0.8), 4 GB each, SWIM "
-        "membership; changes counted until 10 s of virtual time after every node holds the same "
-        "exact set of claims (any change after convergence would show as more than the ideal)."
+        "membership at 100 nodes and the simulator's oracle for who is alive at 500; changes "
+        "counted until 10 s of virtual time after every node holds the same exact set of claims "
+        "(any change after convergence would show as more than the ideal)."
     )
 
 

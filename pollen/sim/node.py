@@ -185,8 +185,20 @@ class SimNode:
         self.document.write(kind, name, obj)
         self.gossip.on_local_change(now)
 
+    def alive_members(self) -> frozenset[str]:
+        """The nodes alive (or only suspected) in this node's view: its membership's, or the
+        oracle's."""
+        if self.membership is None:
+            return frozenset(self._static.alive) if self._static is not None else frozenset()
+        return frozenset(
+            name
+            for name, member in self.membership.members().items()
+            if member.state in (MemberState.ALIVE, MemberState.SUSPECT)
+        )
+
     def members_changed(self) -> None:
         """The oracle's set of alive members changed: choose again if a peer is gone."""
+        self.view_version += 1
         if self._static is not None and not self.choice.peers <= self._static.alive:
             self._topology_dirty = True
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pollen.mesh.wire import MemberState
 from pollen.reconcilers.placement import (
     Claim,
     NodeFacts,
@@ -78,17 +77,6 @@ class SimPlacement:
     def next_deadline(self) -> float:
         return self._wake
 
-    def alive(self) -> frozenset[str]:
-        """The nodes alive (or only suspected) in this node's membership view."""
-        membership = self.node.membership
-        if membership is None:
-            return frozenset({self.node.name})
-        return frozenset(
-            name
-            for name, member in membership.members().items()
-            if member.state in (MemberState.ALIVE, MemberState.SUSPECT)
-        )
-
     def run(self, now: float) -> None:
         """Decide for every Workload if the document, the view or a deadline asks for it."""
         heads = tuple(self.node.document.heads())
@@ -99,7 +87,7 @@ class SimPlacement:
         ):
             return
         self._view_version = self.node.view_version
-        alive = self.alive()
+        alive = self.node.alive_members()
         self._wake = float("inf")
         self._refresh(heads)
         specs = {name: spec for name, (spec, _) in self._workloads.items()}
