@@ -207,7 +207,13 @@ class PollenNode:
         instances = self.instances = InstanceHost(
             self.runtime, on_change=lambda replica: reconcilers.enqueue("Replica", replica)
         )
-        reconcilers.add(WorkloadPlacer(self._live_view, reliability=lambda: instances.reliability))
+        reconcilers.add(
+            WorkloadPlacer(
+                self._live_view,
+                queue_length=lambda: instances.starting,
+                reliability=lambda: instances.reliability,
+            )
+        )
         reconcilers.add(ReplicaRunner(instances, has=artifacts.has, ensure=self.fetcher.ensure))
         reconcilers.add(
             MemoryPressureEvictor(

@@ -128,6 +128,12 @@ class InstanceHost:
         return True
 
     @property
+    def starting(self) -> int:
+        """Instances not serving yet (fetching their artifact or starting): work queued here."""
+        waiting = (ReplicaPhase.PENDING, ReplicaPhase.FETCHING, ReplicaPhase.STARTING)
+        return sum(1 for h in self._hosted.values() if h.phase in waiting)
+
+    @property
     def reliability(self) -> float:
         """How instances fared here: 1.0 with no failure, falling with each failure."""
         return (self._started + 1) / (self._started + self._failures + 1)
