@@ -29,6 +29,7 @@ from pollen.api.gateway import Gateway, MeshCallRouter
 from pollen.api.proxy import PROXY_STREAM, Channel, NodeProxy, ProxyError
 from pollen.api.server import create_app
 from pollen.mesh import tokens, wire
+from pollen.mesh.bulk import BulkServer, BulkTls
 from pollen.mesh.fetch import ARTIFACT_STREAM, ArtifactFetcher, ArtifactServer
 from pollen.mesh.identity import NodeIdentity, load_credentials, load_identity
 from pollen.mesh.membership import EventKind, MemberEvent, MemberState
@@ -44,6 +45,7 @@ from pollen.resources import (
     Node,
     NodeSpec,
     ObjectMeta,
+    Replica,
     set_condition,
 )
 from pollen.runtime.artifacts import ArtifactStore
@@ -56,6 +58,10 @@ log = logging.getLogger(__name__)
 
 #: Written once the node serves: where its endpoints are bound, for local tools (pollen up, tests).
 ENDPOINTS_FILE = "endpoints.json"
+
+
+#: Default of ``pollen node --artifact-quota`` (ADR 0017).
+DEFAULT_ARTIFACT_QUOTA = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ class NodeConfig:
     #: Memory (MB) the machine must keep available; below it the node is under memory pressure
     #: and evicts replicas (the kubelet's ``memory.available<100Mi``).
     memory_reserve_mb: int = 100
+    #: Bytes of artifacts this node keeps; the least recently used that no local replica
+    #: needs are deleted to stay within it (ADR 0017). None: no quota.
+    artifact_quota: int | None = DEFAULT_ARTIFACT_QUOTA
 
 
 def _utcnow() -> datetime:
@@ -129,6 +138,9 @@ class PollenNode:
         #: (both set by :meth:`start`).
         self.artifacts: ArtifactStore | None = None
         self.fetcher: ArtifactFetcher | None = None
+        #: Serves artifacts' chunks over TLS on TCP (ADR 0017); its port goes in manifests.
+        self.bulk: BulkServer | None = None
+        self._bulk_port: int | None = None
         self.runtime: Runtime | None = None
         self.instances: InstanceHost | None = None
         self.gateway: Gateway | None = None
@@ -139,7 +151,11 @@ class PollenNode:
         self.store = ResourceStore.open(self.identity.state_dir, clock=self._clock)
         # Opened once the document's lock is held: opening deletes unfinished writes, which
         # must never be those of another node process running on this data directory.
-        artifacts = self.artifacts = ArtifactStore(self.config.data_dir / ARTIFACTS_DIR)
+        artifacts = self.artifacts = ArtifactStore(
+            self.config.data_dir / ARTIFACTS_DIR,
+            quota=self.config.artifact_quota,
+            pinned=self._pinned_artifacts,
+        )
         credentials = load_credentials(self.config.data_dir)
         admitter = None
         if credentials.root_key is not None:
@@ -165,8 +181,13 @@ class PollenNode:
         await self.mesh.start()
         self.proxy = NodeProxy(self.name, self._open_proxy_channel)
         self.mesh.handle_streams(PROXY_STREAM, self.proxy.serve)
-        self.mesh.handle_streams(ARTIFACT_STREAM, ArtifactServer(artifacts, self.name).serve)
-        self.fetcher = ArtifactFetcher(self.mesh, artifacts)
+        # Artifacts' bytes go over a TLS side path authenticated like the mesh (ADR 0017).
+        tls = BulkTls(credentials, self.mesh.transport.verify_peer)
+        server = ArtifactServer(artifacts, self.name, bulk_port=lambda: self._bulk_port)
+        self.bulk = BulkServer(tls, server.serve_bulk, host=self.config.listen_host)
+        self._bulk_port = await self.bulk.start()
+        self.mesh.handle_streams(ARTIFACT_STREAM, server.serve)
+        self.fetcher = ArtifactFetcher(self.mesh, artifacts, bulk=tls)
         loop = asyncio.get_running_loop()
 
         def artifacts_changed() -> None:
@@ -262,6 +283,9 @@ class PollenNode:
             self.artifacts.on_change = None
         if self.fetcher is not None:
             await self.fetcher.close()
+        if self.bulk is not None:
+            await self.bulk.close()
+            self.bulk = None
         if self.store is not None:
             try:
                 self._register(ready=False)
@@ -282,6 +306,20 @@ class PollenNode:
                 self.store.close()
                 self.store = None
         (self.config.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
+
+    def _pinned_artifacts(self) -> set[str]:
+        """Digests this node's replicas use: the store's quota never deletes them. Called
+        from worker threads; listing copies the store's view atomically."""
+        store = self.store
+        if store is None:
+            return set()
+        return {
+            replica.spec.artifact
+            for replica in store.list("Replica")
+            if isinstance(replica, Replica)
+            and self.name in (replica.spec.node, replica.status.node)
+            and replica.spec.artifact
+        }
 
     def _artifacts_changed(self) -> None:
         if self.mesh is not None and not self._stopping:

@@ -40,6 +40,7 @@ from pollen.runtime.artifacts import (
     CorruptArtifact,
     DigestMismatch,
     InvalidDigest,
+    QuotaExceeded,
     digest_hex,
 )
 from pollen.state import ChangeEvent, Conflict, NotFound, ResourceStore, StoreError
@@ -73,6 +74,9 @@ ARTIFACTS_KEY: web.AppKey[ArtifactStore | None] = web.AppKey("artifacts")
 FETCHER_KEY: web.AppKey[ArtifactFetcher | None] = web.AppKey("fetcher")
 #: Names the node a blob was fetched from when a GET had to fetch it first.
 FETCHED_FROM_HEADER = "Pollen-Fetched-From"
+#: With it: every node that sent chunks, and the seconds the fetch took (ADR 0017).
+FETCH_SOURCES_HEADER = "Pollen-Fetch-Sources"
+FETCH_SECONDS_HEADER = "Pollen-Fetch-Seconds"
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -454,12 +458,14 @@ async def _put_blob(request: web.Request) -> web.Response:
     store = _artifact_store(request)
     digest = _blob_digest(request)
     length = request.content_length
-    if length is not None and length > store.max_size:
-        raise ApiError(
-            413, "RequestEntityTooLarge", f"a blob of {length} bytes is over {store.max_size}"
-        )
+    if length is not None and length > store.limit:
+        raise ApiError(413, "RequestEntityTooLarge", store.too_large_message(length, digest))
     existed = store.has(digest)
-    writer = await asyncio.to_thread(store.writer, digest)
+    try:
+        # A known length makes room within the quota before the body is read.
+        writer = await asyncio.to_thread(store.writer, digest, size=length)
+    except QuotaExceeded as exc:
+        raise ApiError(507, "InsufficientStorage", str(exc)) from None
     try:
         pending = bytearray()
         async for data in request.content.iter_chunked(CHUNK_BYTES):
@@ -469,10 +475,10 @@ async def _put_blob(request: web.Request) -> web.Response:
                 pending.clear()
         await asyncio.to_thread(writer.write, bytes(pending))
         await asyncio.to_thread(writer.commit)
-    except ArtifactTooLarge:
-        raise ApiError(
-            413, "RequestEntityTooLarge", f"a blob over {store.max_size} bytes is refused"
-        ) from None
+    except ArtifactTooLarge as exc:
+        raise ApiError(413, "RequestEntityTooLarge", str(exc)) from None
+    except QuotaExceeded as exc:
+        raise ApiError(507, "InsufficientStorage", str(exc)) from None
     except DigestMismatch as exc:
         raise ApiError(400, "BadRequest", f"the body does not match the digest: {exc}") from None
     finally:
@@ -507,9 +513,15 @@ async def _get_blob(request: web.Request) -> web.StreamResponse:
             if not exc.attempts:
                 raise ApiError(404, "NotFound", str(exc)) from None
             raise ApiError(502, "BadGateway", str(exc)) from None
+        except ArtifactTooLarge as exc:
+            raise ApiError(413, "RequestEntityTooLarge", str(exc)) from None
+        except QuotaExceeded as exc:
+            raise ApiError(507, "InsufficientStorage", str(exc)) from None
         source = next((r for r in reversed(fetcher.history) if r.digest == digest), None)
         if source is not None:
             headers[FETCHED_FROM_HEADER] = source.holder
+            headers[FETCH_SOURCES_HEADER] = ",".join(source.sources) or source.holder
+            headers[FETCH_SECONDS_HEADER] = f"{source.seconds:.6f}"
     try:
         reader = await asyncio.to_thread(store.open, digest)
     except ArtifactNotFound:

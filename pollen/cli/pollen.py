@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 import threading
@@ -122,6 +123,14 @@ def init(data_dir: Path, cluster_name: str, node_name: str | None, api: str) -> 
     show_default=True,
     help="MB of memory the machine must keep available; below it the node evicts replicas",
 )
+@click.option(
+    "--artifact-quota",
+    "artifact_quota",
+    default="1GiB",
+    show_default=True,
+    help="Bytes of artifacts the node keeps (e.g. 512MiB, 2G; 'none': no limit); the least "
+    "recently used that no local replica needs are deleted to stay within it",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages")
 def node(
     data_dir: Path,
@@ -133,6 +142,7 @@ def node(
     labels: tuple[str, ...],
     plugins: tuple[str, ...],
     memory_reserve_mb: int,
+    artifact_quota: str,
     verbose: bool,
 ) -> None:
     """Run a node until SIGTERM or Ctrl-C.
@@ -147,6 +157,7 @@ def node(
     host, port = parse_host_port(api, "--api")
     listen_host, listen_port = parse_host_port(listen, "--listen")
     gateway_host, gateway_port = parse_host_port(gateway, "--gateway")
+    quota = parse_quota(artifact_quota)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -169,6 +180,7 @@ def node(
         seeds=seeds,
         plugins=plugins,
         memory_reserve_mb=memory_reserve_mb,
+        artifact_quota=quota,
     )
     try:
         pollen_node = PollenNode(config)
@@ -182,6 +194,44 @@ def node(
             f"cannot serve on {api} (API), {gateway} (gateway) or {listen} (mesh): "
             f"{exc.strerror or exc}"
         )
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1 << 10,
+    "kib": 1 << 10,
+    "mi": 1 << 20,
+    "mib": 1 << 20,
+    "gi": 1 << 30,
+    "gib": 1 << 30,
+    "ti": 1 << 40,
+    "tib": 1 << 40,
+}
+
+
+def parse_quota(text: str) -> int | None:
+    """``--artifact-quota``: bytes with an optional decimal (``500MB``, ``2G``) or binary
+    (``512MiB``, ``1Gi``) unit, or ``none``; exits with one sentence otherwise."""
+    cleaned = text.strip().lower()
+    if cleaned == "none":
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", cleaned)
+    if match is None or match.group(2) not in _SIZE_UNITS:
+        _fail(f"--artifact-quota {text!r} is not a size: use bytes with a unit, like 512MiB or 2G")
+        raise AssertionError("unreachable")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        _fail("--artifact-quota must be more than 0 bytes (or 'none' for no limit)")
+    return size
 
 
 def _token_addresses(token: str) -> tuple[tuple[str, int], ...]:

@@ -76,6 +76,11 @@ def test_fuzzed_json_raises_only_protocol_errors(value: object) -> None:
         b'{"digest": "sha256:' + b"AB" * 32 + b'"}',
         b'{"digest": "sha256:../../etc/passwd"}',
         b'{"digest": "' + DIGEST.encode() + b'", "offset": 0}',
+        b'{"digest": "' + DIGEST.encode() + b'", "manifest": 1}',
+        b'{"digest": "' + DIGEST.encode() + b'", "chunk": -1}',
+        b'{"digest": "' + DIGEST.encode() + b'", "chunk": 1.0}',
+        b'{"digest": "' + DIGEST.encode() + b'", "chunk": 5000}',
+        b'{"digest": "' + DIGEST.encode() + b'", "manifest": true, "chunk": 0}',
         b'{"digest": "' + DIGEST.encode() + b'"' + b" " * 1100 + b"}",
     ],
 )
@@ -96,6 +101,13 @@ def test_bad_requests(frame: bytes) -> None:
         b'{"size": 1, "error": "both"}',
         b'{"error": 7}',
         b'{"error": "x", "extra": 1}',
+        b'{"error": "x", "port": 1}',
+        b'{"size": 1, "chunk": 1000}',
+        b'{"size": 1, "chunk": 32768}',
+        b'{"size": 1, "chunk": 33554432}',
+        b'{"size": 1, "port": 0}',
+        b'{"size": 1, "port": 65536}',
+        b'{"size": 1, "length": -1}',
     ],
 )
 def test_bad_answers(frame: bytes) -> None:
@@ -112,3 +124,26 @@ def test_unavailable_names_what_was_tried() -> None:
     assert str(failed) == (
         f"cannot fetch {DIGEST}: every holder failed (n2: refused: busy; n3: cut off)"
     )
+
+
+@given(digests, st.booleans(), st.none() | st.integers(0, 4096))
+def test_manifest_and_chunk_requests_round_trip(
+    digest: str, manifest: bool, chunk: int | None
+) -> None:
+    if manifest and chunk is not None:
+        chunk = None
+    request = FetchRequest(digest, manifest, chunk)
+    assert FetchRequest.decode(request.encode()) == request
+
+
+@given(
+    st.integers(0, MAX_ARTIFACT_BYTES),
+    st.none() | st.sampled_from([1 << 16, 1 << 20, 4 << 20, 16 << 20]),
+    st.none() | st.integers(1, 65535),
+    st.none() | st.integers(0, 16 << 20),
+)
+def test_answers_with_chunk_port_and_length_round_trip(
+    size: int, chunk: int | None, port: int | None, length: int | None
+) -> None:
+    answer = FetchAnswer(size=size, chunk=chunk, port=port, length=length)
+    assert FetchAnswer.decode(answer.encode()) == answer
