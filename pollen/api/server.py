@@ -77,6 +77,8 @@ FETCHED_FROM_HEADER = "Pollen-Fetched-From"
 #: With it: every node that sent chunks, and the seconds the fetch took (ADR 0017).
 FETCH_SOURCES_HEADER = "Pollen-Fetch-Sources"
 FETCH_SECONDS_HEADER = "Pollen-Fetch-Seconds"
+#: The relay the fetch went through, when there was no direct route to the holder.
+FETCHED_VIA_HEADER = "Pollen-Fetched-Via"
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -522,6 +524,8 @@ async def _get_blob(request: web.Request) -> web.StreamResponse:
             headers[FETCHED_FROM_HEADER] = source.holder
             headers[FETCH_SOURCES_HEADER] = ",".join(source.sources) or source.holder
             headers[FETCH_SECONDS_HEADER] = f"{source.seconds:.6f}"
+            if source.via is not None:
+                headers[FETCHED_VIA_HEADER] = source.via
     try:
         reader = await asyncio.to_thread(store.open, digest)
     except ArtifactNotFound:
