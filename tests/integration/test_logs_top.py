@@ -8,11 +8,9 @@ n1's node proxy.
 from __future__ import annotations
 
 import http.client
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ from pollen.api.errors import ApiError
 from pollen.api.server import PREFIX
 from pollen.cli.localnode import LocalNode, tool
 from tests.helpers import wait_for
-from tests.integration.test_mesh_nodes import MESH, Swarm
+from tests.integration.test_mesh_nodes import Swarm, running_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -66,32 +64,14 @@ def on(node: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     """n1, and n2 and n3 labelled ``role=worker``; cpu, caller and echo pushed; pctl on n1."""
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples/build.py"), "--out", "build/examples", "cpu",
-         "caller", "echo"],
-        cwd=ROOT, check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    work = tmp_path_factory.mktemp("observe")
-    swarm = Swarm(work, {**os.environ, "POLLEN_CONFIG": str(work / "pctl-config.yaml")})
-    try:
-        swarm.first("n1")
-        for name in ("n2", "n3"):
-            args = [*MESH, "--name", name, "--join", swarm.token(), "--label", "role=worker"]
-            node = LocalNode(work / name, work / f"{name}.log", swarm.env, args)
-            node.start()
-            swarm.nodes[name] = node
-        expected = dict.fromkeys(NAMES, "True")
-        wait_for(
-            lambda: all(swarm.ready_view(n) == expected for n in NAMES),
-            timeout=60,
-            what="three nodes Ready everywhere",
-        )
-        for name in ("cpu", "caller", "echo"):
-            pctl(swarm, "push", str(ROOT / f"build/examples/{name}.wasm"), "--name", name)
+    worker = ["--label", "role=worker"]
+    with running_swarm(
+        tmp_path_factory.mktemp("observe"),
+        NAMES,
+        push=["cpu", "caller", "echo"],
+        extra={"n2": worker, "n3": worker},
+    ) as swarm:
         yield swarm
-    finally:
-        for node in swarm.nodes.values():
-            node.kill()
 
 
 def pctl(swarm: Swarm, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from pollen.api.errors import ApiError
-from pollen.cli.localnode import LocalNode
 from tests.helpers import wait_for
-from tests.integration.test_mesh_nodes import MESH, Swarm
+from tests.integration.test_mesh_nodes import Swarm
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +31,7 @@ def test_a_node_under_memory_pressure_holds_no_replicas(
     swarm = Swarm(tmp_path, pollen_env)
     try:
         swarm.first("n1")
-        args = [*MESH, "--name", "n2", "--join", swarm.token(), "--memory-reserve", RESERVE_MB]
-        short = LocalNode(tmp_path / "n2", tmp_path / "n2.log", pollen_env, args)
-        short.start()
-        swarm.nodes["n2"] = short
+        swarm.join("n2", extra=["--memory-reserve", RESERVE_MB])
         wait_for(
             lambda: (
                 (c := condition(swarm, "n1", "n2", "MemoryPressure")) is not None

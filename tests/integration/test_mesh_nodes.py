@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,50 @@ from tests.helpers import wait_for
 pytestmark = pytest.mark.integration
 
 MESH = ["--listen", "127.0.0.1:0"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_examples(*names: str) -> dict[str, Path]:
+    """``build/examples/NAME.wasm`` for each name, built as ``make examples`` builds them."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "build.py"), "--out", "build/examples", *names],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return {name: ROOT / "build" / "examples" / f"{name}.wasm" for name in names}
+
+
+@contextlib.contextmanager
+def running_swarm(
+    work: Path,
+    names: Sequence[str],
+    *,
+    push: Sequence[str] = (),
+    extra: Mapping[str, Sequence[str]] | None = None,
+) -> Iterator[Swarm]:
+    """``names[0]`` initialised and the others joined (with ``extra`` arguments each), every
+    node Ready in every view, the example modules ``push`` pushed under their names with pctl
+    (whose current context is the first node); every node killed at the end."""
+    modules = build_examples(*push) if push else {}
+    swarm = Swarm(work, {**os.environ, "POLLEN_CONFIG": str(work / "pctl-config.yaml")})
+    try:
+        swarm.first(names[0])
+        for name in names[1:]:
+            swarm.join(name, extra=(extra or {}).get(name, ()))
+        expected = dict.fromkeys(names, "True")
+        wait_for(
+            lambda: all(swarm.ready_view(n) == expected for n in names),
+            timeout=60,
+            what=f"{len(names)} nodes Ready everywhere",
+        )
+        for name, path in modules.items():
+            subprocess.run(
+                [tool("pctl"), "push", str(path), "--name", name],
+                env=swarm.env, capture_output=True, timeout=60, check=True,
+            )  # fmt: skip
+        yield swarm
+    finally:
+        for node in swarm.nodes.values():
+            node.kill()
 
 
 def _workload(name: str, replicas: int = 1) -> dict[str, object]:
@@ -53,8 +99,8 @@ class Swarm:
         )
         return result.stdout.decode().strip()
 
-    def join(self, name: str, token: str | None = None) -> LocalNode:
-        args = [*MESH, "--name", name, "--join", token or self.token()]
+    def join(self, name: str, token: str | None = None, extra: Sequence[str] = ()) -> LocalNode:
+        args = [*MESH, "--name", name, "--join", token or self.token(), *extra]
         node = LocalNode(self.work / name, self.work / f"{name}.log", self.env, args)
         node.start()
         self.nodes[name] = node

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +10,8 @@ from typing import Any
 import pytest
 
 from pollen.api.errors import ApiError
-from pollen.cli.localnode import tool
 from tests.helpers import wait_for
-from tests.integration.test_mesh_nodes import Swarm
+from tests.integration.test_mesh_nodes import Swarm, running_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -35,31 +31,8 @@ def workload(name: str, artifact: str, **spec: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     """Three nodes, every one Ready everywhere, with ``hello`` pushed to n1 as Artifact hello."""
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "build.py"), "--out", "build/examples", "hello"],
-        cwd=ROOT, check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    work = tmp_path_factory.mktemp("placement")
-    swarm = Swarm(work, {**os.environ, "POLLEN_CONFIG": str(work / "pctl-config.yaml")})
-    try:
-        swarm.first("n1")
-        swarm.join("n2")
-        swarm.join("n3")
-        expected = dict.fromkeys(NAMES, "True")
-        wait_for(
-            lambda: all(swarm.ready_view(n) == expected for n in NAMES),
-            timeout=60,
-            what="three nodes Ready everywhere",
-        )
-        pushed = subprocess.run(
-            [tool("pctl"), "push", str(ROOT / "build/examples/hello.wasm"), "--name", "hello"],
-            env=swarm.env, capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
-        assert pushed.stdout.strip().splitlines()[-1].startswith("sha256:")
+    with running_swarm(tmp_path_factory.mktemp("placement"), NAMES, push=["hello"]) as swarm:
         yield swarm
-    finally:
-        for node in swarm.nodes.values():
-            node.kill()
 
 
 def replicas_of(swarm: Swarm, observer: str, name: str) -> list[dict[str, Any]]:

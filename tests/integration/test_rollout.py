@@ -8,9 +8,6 @@ generation is placed and started beside the old one, traffic moves to it, the ol
 from __future__ import annotations
 
 import http.client
-import os
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -21,9 +18,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from pollen.api.errors import ApiError
-from pollen.cli.localnode import tool
 from tests.helpers import wait_for
-from tests.integration.test_mesh_nodes import Swarm
+from tests.integration.test_mesh_nodes import Swarm, running_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -42,31 +38,8 @@ def site(artifact: str) -> dict[str, Any]:
 
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[Swarm]:
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples/build.py"), "--out", "build/examples", "hello",
-         "echo"],
-        cwd=ROOT, check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    swarm = Swarm(tmp_path, {**os.environ, "POLLEN_CONFIG": str(tmp_path / "pctl-config.yaml")})
-    try:
-        swarm.first("n1")
-        swarm.join("n2")
-        swarm.join("n3")
-        expected = dict.fromkeys(NAMES, "True")
-        wait_for(
-            lambda: all(swarm.ready_view(n) == expected for n in NAMES),
-            timeout=60,
-            what="three nodes Ready everywhere",
-        )
-        for name in ("hello", "echo"):
-            subprocess.run(
-                [tool("pctl"), "push", str(ROOT / f"build/examples/{name}.wasm"), "--name", name],
-                env=swarm.env, capture_output=True, timeout=60, check=True,
-            )  # fmt: skip
+    with running_swarm(tmp_path, NAMES, push=["hello", "echo"]) as swarm:
         yield swarm
-    finally:
-        for node in swarm.nodes.values():
-            node.kill()
 
 
 class Traffic(threading.Thread):

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from pollen.api.errors import ApiError
 from pollen.cli.localnode import tool
 from pollen.cli.pctl import human_size
 from tests.helpers import wait_for
-from tests.integration.test_mesh_nodes import Swarm
+from tests.integration.test_mesh_nodes import Swarm, build_examples, running_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -30,25 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     """Two nodes, each Ready in the other's view; pctl's current context is n1."""
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "build.py"), "--out", "build/examples", "hello"],
-        cwd=ROOT, check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    work = tmp_path_factory.mktemp("trust")
-    swarm = Swarm(work, {**os.environ, "POLLEN_CONFIG": str(work / "pctl-config.yaml")})
-    try:
-        swarm.first("n1")
-        swarm.join("n2")
-        expected = {"n1": "True", "n2": "True"}
-        wait_for(
-            lambda: all(swarm.ready_view(n) == expected for n in expected),
-            timeout=60,
-            what="two nodes Ready everywhere",
-        )
+    build_examples("hello")
+    with running_swarm(tmp_path_factory.mktemp("trust"), ["n1", "n2"]) as swarm:
         yield swarm
-    finally:
-        for node in swarm.nodes.values():
-            node.kill()
 
 
 def run(swarm: Swarm, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
