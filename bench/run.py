@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from bench import (
+    artifacts,
     foundation,
     gateway,
     mesh_real,
@@ -27,6 +28,7 @@ SECTIONS = {
     "runtime": runtime.run,
     "gateway": gateway.run,
     "placement": placement.run,
+    "artifacts": artifacts.run,
 }
 
 

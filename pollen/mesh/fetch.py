@@ -914,7 +914,7 @@ class ArtifactFetcher:
             raise _HolderFailed(f"its chunk list differs from {transfer.first}'s")
         if probe.via is not None:
             transfer.vias[holder] = probe.via
-        connections = await self._bulk_connections(probe)
+        connections = await self._bulk_connections(probe, transfer)
         try:
             if connections:
                 lanes = [self._lane(transfer, holder, conn) for conn in connections]
@@ -958,7 +958,9 @@ class ArtifactFetcher:
                 index, holder, transfer.manifest.span(index)[1], bulk=conn is not None
             )
 
-    async def _bulk_connections(self, probe: _Probe) -> list[bulk.BulkConnection]:
+    async def _bulk_connections(
+        self, probe: _Probe, transfer: _Transfer
+    ) -> list[bulk.BulkConnection]:
         """Connections to the holder's bulk port, when it has one and the route is direct;
         none (the chunks go over mesh streams) when it cannot be reached."""
         if self._bulk is None or probe.port is None or probe.via is not None:
@@ -968,7 +970,8 @@ class ArtifactFetcher:
             return []
         host = str(peer.address[0])
         connections: list[bulk.BulkConnection] = []
-        for _ in range(self._streams):
+        # No more connections than chunks: each costs a handshake.
+        for _ in range(min(self._streams, max(1, len(transfer.pending)))):
             try:
                 connections.append(
                     await bulk.connect(
