@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from pollen.api.errors import ApiError
 from tests.conftest import NodeProcess
 from tests.helpers import wait_for
+from tests.integration.test_mesh_nodes import Swarm
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +77,43 @@ def test_what_a_local_replica_needs_is_never_collected(
         client.put_blob(digest_of(other), other)
     assert info.value.code == 507
     assert held(node) == [digest_of(needed)]
+
+
+def test_a_replica_whose_artifact_is_over_the_quota_says_so(
+    tmp_path: Path, pollen_env: dict[str, str]
+) -> None:
+    swarm = Swarm(tmp_path, pollen_env)
+    try:
+        swarm.first("n1")
+        swarm.join("n2", extra=["--label", "disk=small", "--artifact-quota", "1KiB"])
+        big = module(6, 2000)
+        digest = digest_of(big)
+        swarm.client("n1").put_blob(digest, big)
+        swarm.client("n1").apply(
+            [
+                {
+                    "apiVersion": "pollen.dev/v1alpha1",
+                    "kind": "Workload",
+                    "metadata": {"name": "too-big"},
+                    "spec": {
+                        "artifact": digest,
+                        "replicas": 1,
+                        "placement": {"nodeSelector": {"disk": "small"}},
+                    },
+                }
+            ]
+        )
+
+        def message() -> str | None:
+            for replica in swarm.client("n2").list("replicas"):
+                text = replica.get("status", {}).get("message", "")
+                if replica["spec"].get("node") == "n2" and "quota" in text:
+                    return str(text)
+            return None
+
+        text = wait_for(message, 60, "n2's replica to say why it cannot start")
+        assert f"{digest} is 2000 bytes, over this node's artifact quota of 1024 bytes" in text
+        assert swarm.client("n2").blob_size(digest) is None
+    finally:
+        for node in swarm.nodes.values():
+            node.kill()
