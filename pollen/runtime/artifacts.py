@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import secrets
 import threading
@@ -385,6 +386,10 @@ class PartialArtifact:
             os.close(fd)
             raise
         self._fd: int | None = fd
+        # Held around every use of the descriptor and its closing: a worker thread still
+        # writing after its fetch gave up must fail, not write into whatever file reuses the
+        # descriptor's number.
+        self._io = threading.RLock()
         self.committed = False
 
     def _descriptor(self) -> int:
@@ -397,19 +402,22 @@ class PartialArtifact:
         if offset < 0 or offset + len(data) > self.size:
             raise ArtifactTooLarge(f"a write past the {self.size} bytes of {self.digest}")
         view = memoryview(data)
-        fd = self._descriptor()
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
-            offset += written
+        with self._io:
+            fd = self._descriptor()
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
 
     def read_at(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` as they are in the file now."""
-        return os.pread(self._descriptor(), length, offset)
+        with self._io:
+            return os.pread(self._descriptor(), length, offset)
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the bytes at ``offset`` (short of the end: zeros)."""
-        got = os.preadv(self._descriptor(), [view], offset)
+        with self._io:
+            got = os.preadv(self._descriptor(), [view], offset)
         if got < len(view):
             view[got:] = bytes(len(view) - got)
 
@@ -427,27 +435,29 @@ class PartialArtifact:
         :class:`DigestMismatch` otherwise, keeping the file: the caller may check its chunks
         against a manifest, fetch the wrong ones again, or :meth:`discard` it.
         """
-        fd = self._descriptor()
-        if hashed is None:
-            hasher = hashlib.sha256()
-            offset = 0
-            while offset < self.size:
-                data = os.pread(fd, min(CHUNK_BYTES * 4, self.size - offset), offset)
-                if not data:
-                    break
-                hasher.update(data)
-                offset += len(data)
-            hashed = hasher.hexdigest()
-        actual = DIGEST_PREFIX + hashed
-        if actual != self.digest:
-            raise DigestMismatch(f"the chunks put together hash to {actual}, not {self.digest}")
-        os.fsync(fd)
-        self.close()
-        target = self._store.path(self.digest)
-        os.replace(self.path, target)
-        _fsync_directory(self._store.directory)
-        self.committed = True
-        self._store._added(self.digest)
+        with self._io:
+            fd = self._descriptor()
+            if hashed is None:
+                hasher = hashlib.sha256()
+                offset = 0
+                while offset < self.size:
+                    data = os.pread(fd, min(CHUNK_BYTES * 4, self.size - offset), offset)
+                    if not data:
+                        break
+                    hasher.update(data)
+                    offset += len(data)
+                hashed = hasher.hexdigest()
+            actual = DIGEST_PREFIX + hashed
+            if actual != self.digest:
+                raise DigestMismatch(f"the chunks put together hash to {actual}, not {self.digest}")
+            os.fsync(fd)
+            target = self._store.path(self.digest)
+            # Renamed while still counted as being fetched: making room must not take it.
+            os.replace(self.path, target)
+            _fsync_directory(self._store.directory)
+            self.committed = True
+            self._store._added(self.digest)
+            self.close()
         with contextlib.suppress(OSError):
             stat = target.stat()
             signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -456,9 +466,10 @@ class PartialArtifact:
 
     def close(self) -> None:
         """Release the file and keep it (a later fetch of the digest resumes from it)."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        with self._io:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
         self._store._partial_done(self.digest)
 
     def discard(self) -> None:
@@ -723,7 +734,8 @@ class ArtifactStore:
             evicted: list[str] = []
             candidates = sorted(
                 (digest for digest in sizes if digest not in pinned and digest not in active),
-                key=lambda digest: (recency.get(digest, 0.0), digest),
+                # A file not known yet was renamed into place a moment ago: newest, not oldest.
+                key=lambda digest: (recency.get(digest, math.inf), digest),
             )
             for digest in candidates:
                 if used + needed <= self.quota:
