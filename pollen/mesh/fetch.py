@@ -33,12 +33,13 @@ in the pass that verified its copy), so a copy that rotted is dropped, not serve
 answers; chunks are then fetched from up to :data:`MAX_SOURCES` holders at once (those whose
 manifest is the same), each taking the next chunk not yet fetched, so a fast holder takes
 more; when none is left, an idle holder fetches again a chunk still in flight elsewhere, and
-the first copy wins. Every chunk is checked against the manifest as it arrives: wrong bytes
-are discarded, their holder is penalised (skipped for :data:`PENALTY_SECONDS`) and its chunks
-go to the others. Chunks are written at their offsets into the store's partial file, which
-outlives a failed fetch: the next attempt keeps the chunks that still match. The SHA-256 of
-the whole file decides, before the file appears under the digest; if it is wrong, every
-holder that agreed with the manifest lied, and all are penalised.
+the first copy wins. Chunks are written at their offsets into the store's partial file, which
+outlives a failed fetch: the next attempt keeps the chunks that still match the manifest. The
+SHA-256 of the whole file, computed in order as chunks arrive, decides before the file appears
+under the digest. If it is wrong, the chunks are checked against the manifest: wrong ones are
+discarded and fetched again from the others, and whoever sent them is penalised (skipped for
+:data:`PENALTY_SECONDS`); if every chunk matches, the manifest lied, and every holder that
+agreed with it is penalised.
 """
 
 from __future__ import annotations
