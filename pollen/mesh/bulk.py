@@ -38,6 +38,7 @@ import socket
 import ssl
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -63,6 +64,8 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 MAX_FRAME_BYTES: Final = 64 * 1024
 #: Connections served at once; further ones are closed before their handshake.
 MAX_CONNECTIONS: Final = 64
+#: Seconds between checks of a served connection's peer against revocation and expiry.
+RECHECK_SECONDS: Final = 10.0
 _LENGTH: Final = struct.Struct(">I")
 
 
@@ -141,6 +144,9 @@ class BulkConnection:
         sock.settimeout(timeout)
         self._closed = False
         self._buffer = bytearray()
+        #: Raises :class:`BulkError` when the peer is no longer accepted (revoked, expired);
+        #: the server calls it between requests. Cheap when called often.
+        self.recheck: Callable[[], None] = lambda: None
 
     def buffer(self, size: int) -> memoryview:
         """A scratch buffer of ``size`` bytes, the same memory every time: reused, it costs
@@ -319,12 +325,37 @@ class BulkServer:
             tls_sock.close()
             return
         conn = BulkConnection(tls_sock, peer, self._idle_timeout)
+        conn.recheck = self._rechecker(tls_sock, loop)
         self._open.add(conn)
         try:
             await loop.run_in_executor(self._pool, self._run, conn)
         finally:
             self._open.discard(conn)
             conn.close()
+
+    def _rechecker(
+        self, tls_sock: ssl.SSLSocket, loop: asyncio.AbstractEventLoop
+    ) -> Callable[[], None]:
+        """A check of the peer's certificate again, at most every :data:`RECHECK_SECONDS`,
+        on the event loop (the revocation hook reads the document), for the worker thread
+        serving the connection: a node revoked while connected is cut off, as on the mesh."""
+        checked = [time.monotonic()]
+
+        async def verify() -> str:
+            return self._tls.peer_name(tls_sock)
+
+        def recheck() -> None:
+            if time.monotonic() - checked[0] < RECHECK_SECONDS:
+                return
+            future = asyncio.run_coroutine_threadsafe(verify(), loop)
+            try:
+                future.result(timeout=HANDSHAKE_TIMEOUT)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise BulkError("the check of the peer's certificate took too long") from None
+            checked[0] = time.monotonic()
+
+        return recheck
 
     def _run(self, conn: BulkConnection) -> None:
         try:

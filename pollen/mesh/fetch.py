@@ -382,6 +382,7 @@ class ArtifactServer:
         # Reused for every chunk of this connection (see BulkConnection.buffer).
         buffer = bytearray(self._chunk_size)
         while (frame := conn.read_frame(MAX_HEADER_BYTES)) is not None:
+            conn.recheck()
             try:
                 request = FetchRequest.decode(frame)
             except FetchProtocolError as exc:

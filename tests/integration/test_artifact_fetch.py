@@ -590,3 +590,38 @@ async def test_the_bulk_port_must_be_the_holder_it_claims(mesh: Mesh) -> None:
 
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=2)
+
+
+async def test_a_bulk_connection_is_cut_once_its_peer_is_revoked(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bulk, "RECHECK_SECONDS", 0.0)  # check before every request
+    digest = await hold(mesh, BIG, "b")
+    b = mesh["b"]
+    revoked: set[str] = set()
+
+    def verify(certificate: Any) -> str:
+        name = b.mesh.transport.verify_peer(certificate)
+        if name in revoked:
+            raise pki.CertificateError(f"{name} is revoked")
+        return name
+
+    server = BulkServer(BulkTls(b.mesh.transport.credentials, verify), b.server.serve_bulk)
+    port = await server.start()
+    try:
+        conn = await bulk.connect(mesh["a"].tls, "127.0.0.1", port, "b", executor=_executor())
+
+        def ask(index: int) -> bytes | None:
+            conn.write_frame(FetchRequest(digest, chunk=index).encode())
+            return conn.read_frame()
+
+        answer = await asyncio.to_thread(ask, 0)
+        assert answer is not None and FetchAnswer.decode(answer).length == MANIFEST_CHUNK_BYTES
+        await asyncio.to_thread(conn.recv_into, conn.buffer(MANIFEST_CHUNK_BYTES))
+        revoked.add("a")
+        with pytest.raises(bulk.BulkError):
+            if await asyncio.to_thread(ask, 1) is None:
+                raise bulk.BulkError("closed")
+        conn.close()
+    finally:
+        await server.close()
