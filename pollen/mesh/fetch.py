@@ -561,11 +561,20 @@ class _Transfer:
         file did not hash to the digest): the chunks that do not match, by the holder that
         sent them, made pending again (and the whole-file hash is then read from disk)."""
         bad: dict[str, list[int]] = {}
+        unowned: list[int] = []
         for index in range(self.manifest.count):
             if not self.partial.chunk_matches(self.manifest, index):
-                bad.setdefault(self.owners.get(index, self.first), []).append(index)
+                owner = self.owners.get(index)
+                if owner is None:
+                    unowned.append(index)  # kept from an earlier attempt: nobody to blame
+                else:
+                    bad.setdefault(owner, []).append(index)
         with self._hash_lock:
             self._in_order = False
+        for index in unowned:
+            self.done.discard(index)
+            self.kept.discard(index)
+            self.pending.append(index)
         for holder, indexes in bad.items():
             self.by[holder] -= len(indexes)
             if self.by[holder] <= 0:
@@ -837,6 +846,8 @@ class ArtifactFetcher:
                 # Chunks are checked only now, when the whole is wrong: on the way they cost
                 # a second hash of every byte, which is most of what a fetch costs.
                 bad = await asyncio.to_thread(transfer.find_bad)
+                if not transfer.finished and not bad:
+                    continue  # only chunks kept from an earlier attempt had changed
                 if not bad:
                     # Every chunk matched the manifest, so whoever sent chunks agreed with a
                     # manifest that is wrong: none of them has the artifact.
