@@ -11,8 +11,9 @@ rule below settles it the same way on every node.
 The rule (ADR 0011)
 -------------------
 The *live* claims of a Workload are the Replicas of its current revision held by nodes alive
-in this node's view. Ranked by score (highest first), ties to the lowest node name, then the
-replica name, the first ``N`` are kept (``N`` = the desired count, capped by the budget; with
+in this node's view. Ranked Ready first (an incumbent that serves is never displaced by a newcomer
+that does not yet), then by score (highest first), ties to the lowest node name, then the replica
+name, the first ``N`` are kept (``N`` = the desired count, capped by the budget; with
 strict spread, at most one per node). A node whose claim falls outside the first ``N`` withdraws
 it. A claim's score is fixed when it is written, so once exactly ``N`` live claims exist nothing
 moves: no flapping after convergence.
@@ -256,8 +257,18 @@ def _selected(spec: WorkloadSpec, node: NodeFacts) -> bool:
 
 
 def rank_claims(claims: Iterable[Claim]) -> list[Claim]:
-    """Claims best first: highest score, then lowest node name, then lowest replica name."""
-    return sorted(claims, key=lambda c: (-c.score, c.node, c.name))
+    """Claims best first: Ready ones, then the highest score, the lowest node name, the lowest
+    replica name.
+
+    Ready first, as a Kubernetes ReplicaSet scales down pods that are not ready before those
+    that are: a surplus (concurrent claims, a node back from a partition, one briefly thought
+    dead) is absorbed by the claims that serve nothing yet. Without it, a node that withdrew and
+    then claimed again, now with the artifact cached and so a better score, would displace a
+    serving replica, whose node would in turn claim again, and so on.
+    """
+    return sorted(
+        claims, key=lambda c: (c.phase is not ReplicaPhase.READY, -c.score, c.node, c.name)
+    )
 
 
 def _budget(spec: WorkloadSpec) -> tuple[int, str]:

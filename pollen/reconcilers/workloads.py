@@ -169,7 +169,11 @@ class WorkloadPlacer:
         for name in decision.withdraw:
             if context.delete("Replica", name) is None:
                 context.record_event(
-                    "Workload", workload.name, "Withdrawn", f"{context.node_name} withdrew {name}"
+                    "Workload",
+                    workload.name,
+                    "Withdrawn",
+                    f"{context.node_name} withdrew {name}: {len(decision.kept)} better claims "
+                    f"of {decision.desired} wanted",
                 )
         digest = view.digest or ""
         for claim in decision.claim:
@@ -195,7 +199,8 @@ class WorkloadPlacer:
                 "Workload",
                 workload.name,
                 "Claimed",
-                f"{context.node_name} claimed {claim.name} with score {claim.score:g}",
+                f"{context.node_name} claimed {claim.name} with score {claim.score:g}: "
+                f"{len(decision.kept)} of {decision.desired} placed in its view",
             )
 
     def _write_status(self, context: Context, workload: Workload, decision: Decision) -> None:

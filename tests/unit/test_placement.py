@@ -96,6 +96,21 @@ def test_concurrent_claims_resolve_to_the_best_and_the_lowest_name() -> None:
     assert all(d.kept == (claims[1].name, claims[0].name) for d in decisions.values())
 
 
+def test_a_better_newcomer_never_displaces_a_ready_incumbent() -> None:
+    swarm = nodes("a", "b", "c")
+    incumbents = [claim("a", 1.0, phase=ReplicaPhase.READY),
+                  claim("b", 1.5, phase=ReplicaPhase.READY)]  # fmt: skip
+    newcomer = claim("c", 9.0)  # a node back with the artifact cached: a much better score
+    claims = [*incumbents, newcomer]
+    decisions = {me: run(me, view(2), claims, swarm) for me in swarm}
+    assert decisions["c"].withdraw == (newcomer.name,)
+    assert not decisions["a"].withdraw and not decisions["b"].withdraw
+    # Among claims that are all Ready (a healed partition), the score decides again.
+    ready_newcomer = claim("c", 9.0, phase=ReplicaPhase.READY)
+    decision = run("a", view(2), [*incumbents, ready_newcomer], swarm)
+    assert decision.withdraw == (incumbents[0].name,)
+
+
 def test_claims_of_dead_nodes_do_not_count() -> None:
     swarm = nodes("a", "b")
     decision = run("a", view(2), [claim("b", 3.0), claim("z", 9.0)], swarm)
