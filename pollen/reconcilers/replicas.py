@@ -32,6 +32,7 @@ from pollen.resources.models import (
 from pollen.resources.signing import Verdict, evaluate
 from pollen.runtime.executors import CommandExecutor
 from pollen.runtime.host import HostedInstance, InstanceHost
+from pollen.state.errors import NotFound
 
 #: How often a running command job's last run is looked at (restarts change no phase).
 JOB_CHECK_SECONDS = 2.0
@@ -57,6 +58,16 @@ class ReplicaRunner:
         self._ensure = ensure
 
     async def reconcile(self, request: Request, context: Context) -> Result:
+        try:
+            return await self._reconcile(request, context)
+        except NotFound as exc:
+            if exc.kind != "Replica":
+                raise
+            # Withdrawn while it was starting: nothing to report on, only an instance to stop.
+            await self._host.stop(request.name)
+            return Result.done()
+
+    async def _reconcile(self, request: Request, context: Context) -> Result:
         replica = context.get("Replica", request.name)
         hosted = self._host.get(request.name)
         if (
