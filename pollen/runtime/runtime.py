@@ -7,6 +7,7 @@ end.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from pollen.resources.models import WorkloadSpec
@@ -41,6 +42,7 @@ class Runtime:
         self._cache_dir = cache_dir
         self._engine: Engine | None = None
         self._cache: ModuleCache | None = None
+        self._engine_lock = threading.Lock()
         self.local = abi.LocalCallRouter()
         self.router: abi.CallRouter = router or self.local
         self.workers = workers
@@ -54,16 +56,23 @@ class Runtime:
         """The engine, made on first use: a node that runs nothing does not pay for one (its
         epoch ticker thread, its instance pool's reservations)."""
         if self._engine is None:
-            if self._closed:
-                raise RuntimeError("the runtime is closed")
-            self._engine = Engine(self._engine_config)
+            # Modules load on worker threads: two first loads at once must share one engine
+            # (a module compiled by one engine cannot be linked by another).
+            with self._engine_lock:
+                if self._engine is None:
+                    if self._closed:
+                        raise RuntimeError("the runtime is closed")
+                    self._engine = Engine(self._engine_config)
         return self._engine
 
     @property
     def cache(self) -> ModuleCache:
         """The compiled-module cache, made with the engine."""
         if self._cache is None:
-            self._cache = ModuleCache(self.engine, self._cache_dir)
+            engine = self.engine
+            with self._engine_lock:
+                if self._cache is None:
+                    self._cache = ModuleCache(engine, self._cache_dir)
         return self._cache
 
     def load(self, wasm: bytes, *, name: str, digest: str | None = None) -> Sandbox:
