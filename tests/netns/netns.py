@@ -52,6 +52,12 @@ IFF_NO_PI = 0x1000
 REPO = Path(__file__).resolve().parents[2]
 
 
+# ip and tc live in sbin, which the PATH of a non-login shell (a CI runner's) may lack.
+for _sbin in ("/usr/sbin", "/sbin"):
+    if _sbin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + _sbin
+
+
 class NetnsUnavailable(Exception):
     """Network namespaces cannot be used here; the message says why."""
 
