@@ -142,9 +142,14 @@ def ready_holder(swarm: Swarm, name: str) -> str | None:
 
 
 def answers(swarm: Swarm, node: str, path: str, method: str = "GET") -> Answer | None:
-    """The gateway's answer once it is not a 503 (the replica not Ready in its view yet)."""
+    """The gateway's answer once the node knows the workload and a Ready replica of it: not a
+    404 for a Workload its document has not received yet, nor a 503 for a replica not Ready in
+    its view yet (the callers wait for workloads that exist)."""
     answer = request(gateway(swarm, node), path, method)
-    return None if answer.status == 503 else answer
+    not_yet = answer.status == 503 or (
+        answer.status == 404 and answer.body.startswith(b"no workload named")
+    )
+    return None if not_yet else answer
 
 
 def test_every_gateway_answers_locally_on_the_holder_and_forwards_elsewhere(trio: Swarm) -> None:
