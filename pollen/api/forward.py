@@ -40,7 +40,14 @@ from typing import Any, Final
 
 import orjson
 
-from pollen.api.proxy import FrameChannel, ProxyError, decode_head, read_body, write_body
+from pollen.api.proxy import (
+    FrameChannel,
+    ProxyError,
+    decode_head,
+    decode_headers,
+    read_body,
+    write_body,
+)
 from pollen.mesh.transport import TransportError
 from pollen.runtime import abi
 from pollen.runtime.wagi import HttpRequest, HttpResponse
@@ -127,20 +134,7 @@ def _header_ok(name: str, value: str) -> bool:
 
 
 def _decode_headers(value: object, what: str) -> Headers:
-    if not isinstance(value, list) or len(value) > MAX_HEADERS:
-        raise ForwardError(f"the {what} headers are not a list of at most {MAX_HEADERS} pairs")
-    pairs: list[tuple[str, str]] = []
-    for pair in value:
-        if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or not isinstance(pair[0], str)
-            or not isinstance(pair[1], str)
-            or not _header_ok(pair[0], pair[1])
-        ):
-            raise ForwardError(f"the {what} has a malformed header")
-        pairs.append((pair[0], pair[1]))
-    return tuple(pairs)
+    return decode_headers(value, what, limit=MAX_HEADERS, header_ok=_header_ok, error=ForwardError)
 
 
 def _head(frame: bytes, what: str) -> dict[str, Any]:

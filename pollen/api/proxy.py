@@ -118,9 +118,27 @@ def decode_head(frame: bytes, what: str, limit: int = MAX_HEAD_BYTES) -> dict[st
     return value
 
 
-def _decode_headers(value: object, what: str) -> Headers:
-    if not isinstance(value, list) or len(value) > MAX_HEADERS:
-        raise ProxyError(f"the {what} headers are not a list of at most {MAX_HEADERS} pairs")
+def _header_ok(name: str, value: str) -> bool:
+    return bool(_TOKEN_RE.match(name)) and bool(_VALUE_RE.match(value))
+
+
+def decode_headers(
+    value: object,
+    what: str,
+    *,
+    limit: int = MAX_HEADERS,
+    header_ok: Callable[[str, str], bool] = _header_ok,
+    error: type[Exception] = ProxyError,
+) -> Headers:
+    """Header pairs from a decoded head: a list of at most ``limit`` ``[name, value]`` pairs of
+    strings that ``header_ok`` accepts (by default an HTTP token and a value of tabs and
+    printable Latin-1, at most 8 KiB); raises ``error``.
+
+    Shared with the gateway's forwarding protocol, which passes its own limits and error. Both
+    rules refuse lone surrogates, which no encoding can pass on.
+    """
+    if not isinstance(value, list) or len(value) > limit:
+        raise error(f"the {what} headers are not a list of at most {limit} pairs")
     pairs: list[tuple[str, str]] = []
     for pair in value:
         if (
@@ -128,10 +146,9 @@ def _decode_headers(value: object, what: str) -> Headers:
             or len(pair) != 2
             or not isinstance(pair[0], str)
             or not isinstance(pair[1], str)
-            or not _TOKEN_RE.match(pair[0])
-            or not _VALUE_RE.match(pair[1])
+            or not header_ok(pair[0], pair[1])
         ):
-            raise ProxyError(f"the {what} has a malformed header")
+            raise error(f"the {what} has a malformed header")
         pairs.append((pair[0], pair[1]))
     return tuple(pairs)
 
@@ -167,7 +184,7 @@ class ProxyRequest:
             raise ProxyError("the proxied request path is not an absolute path")
         if not isinstance(query, str) or not _QUERY_RE.match(query):
             raise ProxyError("the proxied request query is malformed")
-        return cls(method, path, query, _decode_headers(value["headers"], "proxied request"))
+        return cls(method, path, query, decode_headers(value["headers"], "proxied request"))
 
 
 @dataclass(frozen=True)
@@ -201,7 +218,7 @@ class ProxyResponse:
             or not all(isinstance(v, str) and _TOKEN_RE.match(v) for v in via)
         ):
             raise ProxyError("the proxied response has a malformed via list")
-        return cls(status, _decode_headers(value["headers"], "proxied response"), tuple(via))
+        return cls(status, decode_headers(value["headers"], "proxied response"), tuple(via))
 
 
 async def read_body(frames: FrameChannel, limit: int = MAX_PROXIED_BODY) -> bytes:
