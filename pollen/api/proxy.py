@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from pollen.api.errors import ApiError
+from pollen.mesh.frames import decode_object
 
 PROXY_STREAM: Final = "api-proxy"
 #: Set on the request a target replays against its own API; such a request is not proxied.
@@ -107,15 +108,7 @@ def decode_head(frame: bytes, what: str, limit: int = MAX_HEAD_BYTES) -> dict[st
 
     Shared with the gateway's forwarding protocol, which frames requests the same way.
     """
-    if len(frame) > limit:
-        raise ProxyError(f"the {what} is over {limit} bytes")
-    try:
-        value = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        raise ProxyError(f"the {what} is not JSON") from None
-    if not isinstance(value, dict):
-        raise ProxyError(f"the {what} is not a JSON object")
-    return value
+    return decode_object(frame, what, limit, ProxyError)
 
 
 def _header_ok(name: str, value: str) -> bool:

@@ -60,6 +60,7 @@ from typing import Any, Final
 import orjson
 
 from pollen.mesh import bulk
+from pollen.mesh.frames import decode_object
 from pollen.mesh.membership import MemberState
 from pollen.mesh.service import MeshService
 from pollen.mesh.transport import FramedStream, TransportError
@@ -126,16 +127,7 @@ class FetchProtocolError(Exception):
 
 
 def _decode_object(frame: bytes, what: str, keys: set[str]) -> dict[str, Any]:
-    if len(frame) > MAX_HEADER_BYTES:
-        raise FetchProtocolError(
-            f"the {what} is {len(frame)} bytes, over the limit of {MAX_HEADER_BYTES}"
-        )
-    try:
-        value = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        raise FetchProtocolError(f"the {what} is not JSON") from None
-    if not isinstance(value, dict):
-        raise FetchProtocolError(f"the {what} is not a JSON object")
+    value = decode_object(frame, what, MAX_HEADER_BYTES, FetchProtocolError)
     extra = set(value) - keys
     if extra:
         shown = ", ".join(sorted(repr(key)[:40] for key in extra)[:5])

@@ -30,6 +30,8 @@ from typing import Final
 
 import orjson
 
+from pollen.mesh.frames import decode_object
+
 #: Stream kind of a request to relay, sent by the origin to the relay.
 RELAY_KIND: Final = "relay"
 #: Stream kind of a relayed stream, opened by the relay to the target.
@@ -46,15 +48,7 @@ class RelayError(Exception):
 
 
 def _decode_object(frame: bytes, what: str) -> dict[str, object]:
-    if len(frame) > MAX_HEADER_SIZE:
-        raise RelayError(f"the {what} is {len(frame)} bytes, over the limit of {MAX_HEADER_SIZE}")
-    try:
-        value = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        raise RelayError(f"the {what} is not JSON") from None
-    if not isinstance(value, dict):
-        raise RelayError(f"the {what} is not a JSON object")
-    return value
+    return decode_object(frame, what, MAX_HEADER_SIZE, RelayError)
 
 
 def _field(value: dict[str, object], key: str, pattern: re.Pattern[str], what: str) -> str:
