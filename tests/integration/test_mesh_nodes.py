@@ -143,60 +143,46 @@ def _all_see(swarm: Swarm, expected: dict[str, str]) -> Callable[[], bool]:
     return check
 
 
-def test_nodes_join_with_tokens_and_share_the_document(swarm: Swarm) -> None:
-    swarm.first("n1")
-    swarm.join("n2")
-    swarm.join("n3")
-    wait_for(
-        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
-        timeout=30,
-        what="every node Ready everywhere",
-    )
-    swarm.client("n2").apply([_workload("from-n2", 2)])
-    for observer in ("n1", "n3"):
+def test_nodes_join_with_tokens_and_share_the_document(tmp_path: Path) -> None:
+    with running_swarm(tmp_path, ["n1", "n2", "n3"]) as swarm:
+        swarm.client("n2").apply([_workload("from-n2", 2)])
+        for observer in ("n1", "n3"):
+            wait_for(
+                lambda o=observer: any(
+                    w["metadata"]["name"] == "from-n2" for w in swarm.client(o).list("workloads")
+                ),
+                timeout=15,
+                what=f"the workload applied on n2 to reach {observer}",
+            )
+        # Each node describes itself in its Node: addresses, capacity (not what admission wrote).
+        node3 = swarm.client("n1").get("nodes", "n3")
+        assert any(a.startswith("quic://") for a in node3["spec"]["addresses"])
+        assert node3["spec"]["capacity"]["cpuMillis"] > 0
+
+
+def test_a_killed_node_becomes_not_ready_everywhere_and_comes_back(tmp_path: Path) -> None:
+    with running_swarm(tmp_path, ["n1", "n2", "n3"]) as swarm:
+        swarm.nodes["n3"].kill()
         wait_for(
-            lambda o=observer: any(
-                w["metadata"]["name"] == "from-n2" for w in swarm.client(o).list("workloads")
+            _all_see(swarm, {"n1": "True", "n2": "True", "n3": "False"}),
+            timeout=30,
+            what="n3 NotReady on n1 and n2",
+        )
+        # While n3 is away the others keep working, and n3 catches up when it is back.
+        swarm.client("n1").apply([_workload("while-away")])
+        swarm.nodes["n3"].start()
+        wait_for(
+            _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
+            timeout=30,
+            what="n3 Ready again everywhere",
+        )
+        wait_for(
+            lambda: any(
+                w["metadata"]["name"] == "while-away" for w in swarm.client("n3").list("workloads")
             ),
             timeout=15,
-            what=f"the workload applied on n2 to reach {observer}",
+            what="n3 to catch up with what was applied while it was away",
         )
-    # Each node describes itself in its own Node: addresses, capacity (not what admission wrote).
-    node3 = swarm.client("n1").get("nodes", "n3")
-    assert any(a.startswith("quic://") for a in node3["spec"]["addresses"])
-    assert node3["spec"]["capacity"]["cpuMillis"] > 0
-
-
-def test_a_killed_node_becomes_not_ready_everywhere_and_comes_back(swarm: Swarm) -> None:
-    swarm.first("n1")
-    swarm.join("n2")
-    swarm.join("n3")
-    wait_for(
-        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
-        timeout=30,
-        what="every node Ready everywhere",
-    )
-    swarm.nodes["n3"].kill()
-    wait_for(
-        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "False"}),
-        timeout=30,
-        what="n3 NotReady on n1 and n2",
-    )
-    # While n3 is away the others keep working, and n3 catches up when it is back.
-    swarm.client("n1").apply([_workload("while-away")])
-    swarm.nodes["n3"].start()
-    wait_for(
-        _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
-        timeout=30,
-        what="n3 Ready again everywhere",
-    )
-    wait_for(
-        lambda: any(
-            w["metadata"]["name"] == "while-away" for w in swarm.client("n3").list("workloads")
-        ),
-        timeout=15,
-        what="n3 to catch up with what was applied while it was away",
-    )
 
 
 def _join_once(swarm: Swarm, name: str, token: str) -> subprocess.CompletedProcess[bytes]:
