@@ -29,8 +29,7 @@ from bench.mesh_real import Watcher, _client, _start_watchers, _swarm
 from bench.report import Row, Section, ms
 from pollen.cli.localnode import tool
 from pollen.cli.swarm import SwarmNode
-from pollen.reconcilers.placement import NodeFacts
-from pollen.sim import Simulation
+from pollen.sim import placement_swarm
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLO = ROOT / "build" / "examples" / "hello.wasm"
@@ -206,14 +205,8 @@ def _bench_kill() -> tuple[Row, str]:
 def _sim_case(nodes: int, replicas: int, seed: int) -> tuple[int, float | None]:
     # 500 nodes all running SWIM cost a quarter of an hour of CPU per case; from 500 on, who is
     # alive comes from the simulator's oracle (the claims still travel by document gossip).
-    sim = Simulation(nodes, seed=seed, membership=nodes < 500)
-    rng = random.Random(seed)
-    facts = {
-        name: NodeFacts(name, 4096, 4000, load=rng.choice([0.0, 0.2, 0.5, 0.8]))
-        for name in sim.names
-    }
-    log = sim.enable_placement(facts)
-    sim.run_until(5.0)
+    rng = random.Random(seed)  # the loads, then the node the Workload is written on
+    sim, log = placement_swarm(nodes, seed, membership=nodes < 500, rng=rng)
     workload = {
         "apiVersion": "pollen.dev/v1alpha1",
         "kind": "Workload",

@@ -80,6 +80,24 @@ class Watch:
         return sorted(self.seen.values())[needed - 1] - self.start
 
 
+def placement_swarm(
+    n_nodes: int, seed: int, *, membership: bool = True, rng: random.Random | None = None
+) -> tuple[Simulation, ClaimLog]:
+    """A swarm running placement 5 s into virtual time (membership and gossip settled), every
+    node of 4096 MB and 4000 CPU millis with a load drawn from 0, 0.2, 0.5 and 0.8 by ``rng``
+    (by default a generator seeded with ``seed``). Returns it with its log of claim changes."""
+    sim = Simulation(n_nodes, seed=seed, membership=membership)
+    if rng is None:
+        rng = random.Random(seed)
+    facts = {
+        name: NodeFacts(name, 4096, 4000, load=rng.choice([0.0, 0.2, 0.5, 0.8]))
+        for name in sim.names
+    }
+    log = sim.enable_placement(facts)
+    sim.run_until(5.0)
+    return sim, log
+
+
 class Simulation:
     """``n_nodes`` nodes named ``n000``, ``n001``, ... on a simulated network."""
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import pytest
 
-from pollen.reconcilers.placement import NodeFacts
-from pollen.sim.placement import ClaimLog
-from pollen.sim.simulation import Simulation
+from pollen.sim.simulation import Simulation, placement_swarm
 
 pytestmark = pytest.mark.sim
 
@@ -27,18 +24,6 @@ def workload(name: str, replicas: int, spread: str = "preferred") -> dict[str, A
     }
 
 
-def swarm(n: int, seed: int) -> tuple[Simulation, ClaimLog]:
-    sim = Simulation(n, seed=seed)
-    rng = random.Random(seed)
-    facts = {
-        name: NodeFacts(name, 4096, 4000, load=rng.choice([0.0, 0.2, 0.5, 0.8]))
-        for name in sim.names
-    }
-    log = sim.enable_placement(facts)
-    sim.run_until(5.0)
-    return sim, log
-
-
 def exact(sim: Simulation, name: str, count: int, nodes: list[str] | None = None) -> bool:
     """Every node (of ``nodes``) holds ``count`` claims of ``name``, and the same ones."""
     chosen = nodes or [n.name for n in sim.alive_nodes()]
@@ -47,7 +32,7 @@ def exact(sim: Simulation, name: str, count: int, nodes: list[str] | None = None
 
 
 def test_replicas_converge_to_exactly_the_count_and_never_flap() -> None:
-    sim, log = swarm(100, seed=5)
+    sim, log = placement_swarm(100, seed=5)
     sim.write("n000", "Workload", "web", workload("web", 5))
     sim.write("n050", "Workload", "api", workload("api", 12, spread="strict"))
     for name, count in (("web", 5), ("api", 12)):
@@ -64,7 +49,7 @@ def test_replicas_converge_to_exactly_the_count_and_never_flap() -> None:
 
 
 def test_a_killed_holders_replicas_are_claimed_elsewhere() -> None:
-    sim, log = swarm(60, seed=9)
+    sim, log = placement_swarm(60, seed=9)
     sim.write("n000", "Workload", "web", workload("web", 4))
     assert sim.run_until_condition(lambda: exact(sim, "web", 4), 30.0, 0.05) is not None
     victim = sorted(sim.replicas("n000", "web").values())[0]
@@ -83,7 +68,7 @@ def test_a_killed_holders_replicas_are_claimed_elsewhere() -> None:
 
 
 def test_both_sides_of_a_partition_run_their_share_and_heal_to_the_exact_count() -> None:
-    sim, log = swarm(60, seed=3)
+    sim, log = placement_swarm(60, seed=3)
     sim.write("n000", "Workload", "web", workload("web", 4, spread="strict"))
     assert sim.run_until_condition(lambda: exact(sim, "web", 4), 30.0, 0.05) is not None
     left, right = sim.names[:30], sim.names[30:]
@@ -111,7 +96,7 @@ def test_both_sides_of_a_partition_run_their_share_and_heal_to_the_exact_count()
 def test_the_same_seed_places_the_same_way() -> None:
     outcomes = []
     for _ in range(2):
-        sim, log = swarm(40, seed=11)
+        sim, log = placement_swarm(40, seed=11)
         sim.write("n003", "Workload", "web", workload("web", 6))
         sim.run_until_condition(lambda sim=sim: exact(sim, "web", 6), 30.0, 0.05)
         sim.run_for(5.0)
