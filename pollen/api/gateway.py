@@ -61,7 +61,7 @@ from pollen.runtime.errors import (
 from pollen.runtime.executors import HttpExecutor, failure_response
 from pollen.runtime.host import HostedInstance, InstanceHost
 from pollen.runtime.httpserver import HttpServer, ServerLimits
-from pollen.runtime.pool import WorkerPool
+from pollen.runtime.pool import WorkerPool, copy_result
 from pollen.runtime.wagi import HttpRequest, HttpResponse
 from pollen.state import ResourceStore
 
@@ -230,7 +230,7 @@ class Gateway:
                 outer.set_exception(error)
             elif _not_run(response := done.result(), hosted):
                 retry = asyncio.ensure_future(self._elsewhere(workload, request))
-                retry.add_done_callback(lambda task: _copy_result(task, outer))
+                retry.add_done_callback(lambda task: copy_result(task, outer))
             else:
                 outer.set_result(response)
 
@@ -401,19 +401,6 @@ class Gateway:
             done: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
             done.set_result(failure_response(exc))
             return done
-
-
-def _copy_result(
-    source: asyncio.Future[HttpResponse], target: asyncio.Future[HttpResponse]
-) -> None:
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif (error := source.exception()) is not None:
-        target.set_exception(error)
-    else:
-        target.set_result(source.result())
 
 
 class MeshCallRouter:

@@ -28,6 +28,7 @@ from pollen.runtime.errors import (
     SandboxError,
     Unavailable,
 )
+from pollen.runtime.inline import InlineRunner
 from pollen.runtime.logs import LogBuffer
 from pollen.runtime.pool import WorkerPool
 from pollen.runtime.sandbox import Limits, OutputSink, RunResult, Sandbox
@@ -115,6 +116,7 @@ class HttpExecutor:
         router: abi.CallRouter | None = None,
         usage: UsageCounters | None = None,
         logs: LogBuffer | None = None,
+        inline: bool = False,
     ) -> None:
         self.name = name
         self.sandbox = sandbox
@@ -129,6 +131,13 @@ class HttpExecutor:
         self.accepting = True
         self.last_error: SandboxError | None = None
         self._inflight = _InFlight()
+        #: With ``inline``, requests run on the event loop's thread while the module proves
+        #: fast (``pollen run``'s processes, ADR 0018); the pool serves the rest.
+        self.inline: InlineRunner[HttpResponse] | None = None
+        if inline:
+            self.inline = InlineRunner(
+                self.pool, self._refused, capacity=self.pool.queue_size + self.pool.workers
+            )
         # The CGI environment is encoded in parts (``capi.Strings.plus``): the Workload's env
         # once; the names, and the values that depend only on where a request arrived, once
         # per combination seen; a request encodes only its own values. That is a few µs
@@ -239,12 +248,19 @@ class HttpExecutor:
                 raise Unavailable(
                     f'workload "{self.name}" is not taking requests', workload=self.name
                 )
+            if self.inline is not None:
+                return self.inline.submit(lambda: self.respond(request))
             return self.pool.submit_async(lambda: self.respond(request))
         except SandboxError as exc:
-            self.usage.error(exc.reason)
             future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
-            future.set_result(failure_response(exc))
+            future.set_result(self._refused(exc))
             return future
+
+    def _refused(self, error: SandboxError) -> HttpResponse:
+        """The answer to a request refused before it ran (a full queue, a draining
+        executor), counted as an error of the workload."""
+        self.usage.error(error.reason)
+        return failure_response(error)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         """Serve ``request`` from asyncio; always returns a response."""

@@ -102,6 +102,19 @@ class _LoopCompletion(Generic[T]):
         self._inbox.put(self._future, None, exception)
 
 
+def copy_result(source: asyncio.Future[T], target: asyncio.Future[T]) -> None:
+    """Settle ``target`` as ``source`` ended (a done-callback of ``source``), unless it is
+    already done."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
+
+
 def default_workers() -> int:
     """The cores this process may run on."""
     try:

@@ -97,9 +97,13 @@ class Runtime:
         usage: UsageCounters | None = None,
         logs: LogBuffer | None = None,
         register: bool = True,
+        inline: bool = False,
     ) -> HttpExecutor:
         """An http executor for ``sandbox``, configured from ``spec`` (env, args, resources),
-        reachable by ``pollen.call`` under ``name`` unless ``register`` is False."""
+        reachable by ``pollen.call`` under ``name`` unless ``register`` is False.
+
+        ``inline``: run requests on the event loop's thread while the module proves fast
+        (``HttpExecutor.inline``), for a process that serves this one workload."""
         executor = HttpExecutor(
             name,
             sandbox,
@@ -110,6 +114,7 @@ class Runtime:
             router=self.router,
             usage=usage,
             logs=logs,
+            inline=inline,
         )
         self._http.append(executor)
         if register:

@@ -202,7 +202,9 @@ def serve_one(
             _stderr(f"error: cannot read {path}: {exc.strerror or exc}")
             return EXIT_LOAD_FAILED
         logs = LogBuffer(on_line=_print_line(name))
-        executor = runtime.http_executor(name, sandbox, spec, logs=logs)
+        # This process serves one workload and other processes use the other cores: fast
+        # requests run on the loop's thread rather than through a pool thread (ADR 0018).
+        executor = runtime.http_executor(name, sandbox, spec, logs=logs, inline=True)
 
         async def serve() -> None:
             event = asyncio.Event()

@@ -8,6 +8,7 @@ without ``Status`` means a 302 redirect.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ def _clean(value: str) -> str:
     return value.replace("\x00", "")
 
 
+@functools.lru_cache(maxsize=512)  # the same few names arrive with every request
 def _header_variable(name: str) -> str | None:
     """``X-Forwarded-For`` -> ``HTTP_X_FORWARDED_FOR``; None for names we do not pass on.
 
