@@ -11,8 +11,10 @@ import contextlib
 import ctypes
 import gc
 import logging
+import math
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: Written once the node serves: where its endpoints are bound, for local tools (pollen up, tests).
 ENDPOINTS_FILE = "endpoints.json"
+#: Seconds between two writes of the same peer's Ready by this node (``_reconcile_ready``).
+READY_WRITE_INTERVAL = 1.0
 
 
 #: Default of ``pollen node --artifact-quota`` (ADR 0017).
@@ -132,6 +136,10 @@ class PollenNode:
         self._runner: web.AppRunner | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._stopping = False
+        #: When this node last wrote each peer's Ready, and the re-check waiting for the
+        #: interval to pass (``_reconcile_ready``).
+        self._ready_written: dict[str, float] = {}
+        self._ready_recheck: asyncio.TimerHandle | None = None
         self.api_url = ""
         self.proxy: NodeProxy | None = None
         #: The artifacts this node holds, and the fetcher that gets the others from holders
@@ -401,6 +409,11 @@ class PollenNode:
             ):
                 # A deleted Node is revoked: cut it off now, not at the next periodic check.
                 asyncio.get_running_loop().call_soon(self._revoke, change.name)
+        if change.kind == "Node" and change.name != self.name and self.mesh is not None:
+            # Someone wrote a peer's Ready (perhaps from a view we do not share, e.g. a node
+            # that was itself cut off for a while): where we are that peer's writer, our view
+            # decides again.
+            self._schedule_ready_check(0.0)
         if (
             change.kind == "Node"
             and change.name == self.name
@@ -413,7 +426,7 @@ class PollenNode:
 
     def _reassert_own_node(self) -> None:
         if self.store is not None and self.mesh is not None and not self._stopping:
-            self._register(ready=True)
+            self._register(ready=None)
 
     # revocation: deleting a Node marks it, and a marked Node's certificate is refused
 
@@ -481,8 +494,10 @@ class PollenNode:
         whose designated writer was itself dying at the time (both halves of a partition see
         the other half die one by one) is still written once a writer remains.
         """
-        assert self.mesh is not None
+        if self.mesh is None or self._stopping:
+            return
         alive = self.mesh.alive()
+        now = time.monotonic()
         for name, member in self.mesh.members().items():
             if name == self.name:
                 continue
@@ -500,8 +515,33 @@ class PollenNode:
             # One member writes each transition (the first alive member by name, the subject
             # aside), so that a death does not become N identical writes in the document.
             writers = [n for n in alive if n != name]
-            if writers and writers[0] == self.name:
-                self._set_ready(name, ready, reason, message)
+            if not writers or writers[0] != self.name:
+                continue
+            node = self._store().get("Node", name)
+            written = node.condition("Ready") if node is not None else None
+            if written is not None and (written.status is ConditionStatus.TRUE) == ready:
+                continue
+            # At most one write per peer per interval: where views disagree for a moment
+            # (a node back from a pause still believes others dead), writes would otherwise
+            # go back and forth at the speed of gossip. The last word is written once the
+            # interval has passed, from the view then.
+            wait = self._ready_written.get(name, -math.inf) + READY_WRITE_INTERVAL - now
+            if wait > 0:
+                self._schedule_ready_check(wait)
+                continue
+            self._ready_written[name] = now
+            self._set_ready(name, ready, reason, message)
+
+    def _schedule_ready_check(self, delay: float) -> None:
+        if self._ready_recheck is not None:
+            return  # one re-check is enough: it looks at every member
+        loop = asyncio.get_running_loop()
+
+        def recheck() -> None:
+            self._ready_recheck = None
+            self._reconcile_ready()
+
+        self._ready_recheck = loop.call_later(delay, recheck)
 
     def _set_ready(self, name: str, ready: bool, reason: str, message: str) -> None:
         store = self._store()
@@ -556,8 +596,15 @@ class PollenNode:
             tmp.write_bytes(orjson.dumps(addresses[:16]))
             os.replace(tmp, path)
 
-    def _register(self, *, ready: bool) -> None:
-        """Write this node's Node object: spec from what it is, Ready from whether it serves."""
+    def _register(self, *, ready: bool | None) -> None:
+        """Write this node's Node object: spec from what it is, Ready from whether it serves.
+
+        ``ready`` None (re-asserting after a change to our Node) leaves an existing Ready
+        condition to membership's writer (``_reconcile_ready``): a peer that declared us dead
+        wrote NotReady, and it writes Ready again once we refute. Overwriting it at once from
+        here made every false suspicion a tug of war of writes between us and that peer, each
+        a document change that every node receives and re-evaluates.
+        """
         store = self._store()
         memory = psutil.virtual_memory().total // (1 << 20)
         cpus = psutil.cpu_count() or 1
@@ -585,12 +632,15 @@ class PollenNode:
         store.apply([desired])
         current = store.get("Node", self.name)
         assert isinstance(current, Node)
-        reason, message = (
-            ("NodeReady", "node is serving")
-            if ready
-            else ("NodeShutdown", "node stopped gracefully")
-        )
-        self._set_ready(self.name, ready, reason, message)
+        if ready is None and current.condition("Ready") is None:
+            ready = True  # our Node as a peer created it at admission: no Ready yet
+        if ready is not None:
+            reason, message = (
+                ("NodeReady", "node is serving")
+                if ready
+                else ("NodeShutdown", "node stopped gracefully")
+            )
+            self._set_ready(self.name, ready, reason, message)
         status = current.status
         if status.api != self.api_url or status.version != pollen.__version__:
             fresh = store.get("Node", self.name)

@@ -58,14 +58,17 @@ class MemoryPressureEvictor:
         limit = self._reserve_mb + (self._margin_mb if was_under else 0)
         under = available < limit
         message = f"{available} MB available, reserve {self._reserve_mb} MB"
-        context.set_condition(
-            "Node",
-            request.name,
-            MEMORY_PRESSURE,
-            under,
-            reason="LowMemory" if under else "EnoughMemory",
-            message=message,
-        )
+        if current is None or was_under != under:
+            # Written on a transition only: the figure changes at every check, and a status
+            # write is a document change that every node receives, stores and re-evaluates.
+            context.set_condition(
+                "Node",
+                request.name,
+                MEMORY_PRESSURE,
+                under,
+                reason="LowMemory" if under else "EnoughMemory",
+                message=message,
+            )
         if under:
             self._evict_one(context, message)
         return Result.requeue_after(self._interval)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -183,6 +184,48 @@ def test_a_killed_node_becomes_not_ready_everywhere_and_comes_back(tmp_path: Pat
             timeout=15,
             what="n3 to catch up with what was applied while it was away",
         )
+
+
+def _ready_events(swarm: Swarm, observer: str, subject: str) -> list[tuple[str, int]]:
+    """(reason, count) of the Ready events ``observer`` recorded about ``subject``'s Node."""
+    return [
+        (e["reason"], e["count"])
+        for e in swarm.client(observer).list("events")
+        if e["involvedObject"] == {"kind": "Node", "name": subject}
+        and e["reason"] in ("NodeReady", "NodeUnreachable")
+    ]
+
+
+def test_a_paused_node_is_declared_dead_and_ready_again_by_its_peer_alone(
+    tmp_path: Path,
+) -> None:
+    """A node frozen for a while (SIGSTOP: a stalled VM, a long pause) is declared dead; once
+    it runs again and refutes, the peer that wrote NotReady writes Ready. The node itself does
+    not overwrite its Ready: each such write used to start a tug of war with that peer (a
+    document change everywhere each time), which on a busy machine fed more false deaths."""
+    with running_swarm(tmp_path, ["n1", "n2", "n3"]) as swarm:
+        paused = swarm.nodes["n3"]
+        assert _ready_events(swarm, "n3", "n3") == [("NodeReady", 1)]
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: all(swarm.ready_view(o).get("n3") == "False" for o in ("n1", "n2")),
+                timeout=30,
+                what="n3 NotReady on n1 and n2",
+            )
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        wait_for(
+            _all_see(swarm, {"n1": "True", "n2": "True", "n3": "True"}),
+            timeout=30,
+            what="n3 Ready again everywhere",
+        )
+        # A peer wrote NotReady; n3 wrote nothing about its own Ready after its start (the
+        # way back is the peers' write, or n3's own last write winning the merge with the
+        # NotReady it had not seen yet when it resumed).
+        by_peers = _ready_events(swarm, "n1", "n3") + _ready_events(swarm, "n2", "n3")
+        assert ("NodeUnreachable", 1) in by_peers
+        assert _ready_events(swarm, "n3", "n3") == [("NodeReady", 1)]
 
 
 def _join_once(swarm: Swarm, name: str, token: str) -> subprocess.CompletedProcess[bytes]:
